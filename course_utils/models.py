@@ -1,0 +1,333 @@
+"""Encoders, the SimCLR model and safe checkpoints.
+
+Every model takes float images in [0, 1] of shape [B, 3, H, W]; the input normalisation is a
+layer inside the model (``Normalize``), so explainability methods can perturb raw pixels.
+Checkpoints hold only tensors and plain python values (loaded with ``weights_only=True``), are
+written atomically, and are verified against ``SHA256SUMS`` beside them when listed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torchvision
+from torch import nn
+
+import course_utils
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT = "ssl-xai-course/1"
+CHECKSUM_FILE = "SHA256SUMS"
+_TRAIN_HINT = "train one with `python -m course_utils.train`"
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` for [B, 3, H, W] images; mean/std are [1, 3, 1, 1] buffers."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each with std > 0, got mean={mean}, std={std}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection: [B, C_in, H, W] -> [B, width, H/s, W/s]."""
+
+    expansion = 1
+
+    def __init__(self, in_ch: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        nn.init.zeros_(self.bn2.weight)  # the block starts as the identity
+        self.shortcut = _shortcut(in_ch, width, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 - 3x3 - 1x1 bottleneck: [B, C_in, H, W] -> [B, 4 * width, H/s, W/s]."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        nn.init.zeros_(self.bn3.weight)  # the block starts as the identity
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+
+_ARCHS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    10: (BasicBlock, (1, 1, 1, 1)),
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet encoder: images [B, 3, H, W] in [0, 1] -> features h [B, out_dim]."""
+
+    def __init__(self, depth: int = 18, width: int = 64, small_input: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        if depth not in _ARCHS or isinstance(depth, bool):
+            raise ValueError(f"unsupported ResNet depth {depth!r}; supported depths: {sorted(_ARCHS)}")
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"width must be an integer >= 1, got {width!r}")
+        block, counts = _ARCHS[depth]
+        self.config = {"depth": depth, "width": width, "small_input": bool(small_input)}
+        self.normalize = Normalize(mean, std)
+        if small_input:  # <= 64 px images: keep the resolution
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
+        in_ch, stages = width, []
+        for i, n in enumerate(counts):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(in_ch, width * 2**i, 2 if i > 0 and j == 0 else 1))
+                in_ch = width * 2**i * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = in_ch
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] images in [0, 1] -> [B, out_dim] features."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected images [B, 3, H, W] in [0, 1], got shape {shape}")
+        x = self.stem(self.normalize(x))
+        return self.pool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+
+def resnet(depth: int = 18, width: int = 64, small_input: bool = True,
+           mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> ResNet:
+    """ResNet-``depth`` (10, 18, 34 or 50) with stage widths width, 2w, 4w, 8w (x4 for ResNet-50).
+
+    ``small_input=True`` uses a 3x3 stride-1 stem without max-pool (images <= 64 px); ``False`` the
+    ImageNet 7x7 stride-2 stem with max-pool. Returns a module mapping [B, 3, H, W] -> [B, out_dim].
+    """
+    return ResNet(depth, width, small_input, mean, std)
+
+
+class SimCLRModel(nn.Module):
+    """Encoder plus non-linear SimCLR projection head: x [B, 3, H, W] -> (h [B, r], z [B, proj_dim])."""
+
+    def __init__(self, encoder: ResNet, proj_dim: int = 128) -> None:
+        super().__init__()
+        if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim < 1:
+            raise ValueError(f"proj_dim must be an integer >= 1, got {proj_dim!r}")
+        r = encoder.out_dim
+        self.encoder = encoder
+        # no bias before BatchNorm, which would cancel it
+        self.projector = nn.Sequential(nn.Linear(r, r, bias=False), nn.BatchNorm1d(r), nn.ReLU(), nn.Linear(r, proj_dim))
+        self.config = {"encoder": dict(encoder.config), "proj_dim": proj_dim}
+        self.metadata: dict[str, Any] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [0, 1] -> (representation h [B, r], projection z [B, proj_dim])."""
+        h = self.encoder(x)
+        return h, self.projector(h)
+
+
+def build_model(config: dict[str, Any]) -> SimCLRModel:
+    """SimCLRModel from ``{"encoder": {"depth", "width", "small_input"}, "proj_dim"}`` (``model.config``)."""
+    if not isinstance(config, dict) or not isinstance(config.get("encoder"), dict) or "proj_dim" not in config:
+        raise ValueError(f"model config needs 'encoder' (a dict) and 'proj_dim', got {config!r}")
+    enc = config["encoder"]
+    unknown = set(enc) - {"depth", "width", "small_input"}
+    if unknown:
+        raise ValueError(f"unknown encoder config keys {sorted(unknown)} in {config!r}")
+    return SimCLRModel(resnet(**enc), config["proj_dim"])
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """Raise ValueError unless ``value`` is built from plain python types only (for weights_only loads)."""
+    if type(value) in _PLAIN_SCALARS:
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{key}[{i}]")
+    elif type(value) is dict:
+        for k, item in value.items():
+            if type(k) is not str:
+                raise ValueError(f"metadata key {key}: dict keys must be str, got {k!r}")
+            _check_plain(item, f"{key}[{k!r}]")
+    else:
+        raise ValueError(f"metadata {key} has type {type(value).__name__}; only str, int, float, bool, "
+                         "None, list, tuple and dict are allowed (convert it, e.g. with .item() or .tolist())")
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temp file in its directory and ``os.replace``: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with tmp:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, path)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: SimCLRModel, path: str | Path, **metadata: Any) -> None:
+    """Atomically save config, fp32 CPU state dict and metadata (plus automatic "versions" and "created")."""
+    for key, value in metadata.items():
+        _check_plain(value, repr(key))
+    metadata.update(
+        versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
+                  "python": platform.python_version(),
+                  "course_utils": getattr(course_utils, "__version__", "unknown")},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in model.state_dict().items()}
+    ckpt = {"format": CHECKPOINT_FORMAT, "config": model.config, "state_dict": state, "metadata": metadata}
+    _atomic_write(Path(path), lambda f: torch.save(ckpt, f))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_checksums(directory: Path) -> dict[str, str]:
+    """``{filename: sha256}`` from ``directory/SHA256SUMS`` (``sha256sum`` format); {} when absent."""
+    sums_file = directory / CHECKSUM_FILE
+    if not sums_file.is_file():
+        return {}
+    sums = {}
+    for n, line in enumerate(sums_file.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+            raise ValueError(f"{sums_file}:{n}: expected '<64 hex digits>  <filename>', got {line!r}")
+        sums[parts[1].removeprefix("*")] = parts[0].lower()
+    return sums
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SimCLRModel:
+    """Verify (checksum, format, architecture) and load a checkpoint; returns the model in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    expected = _read_checksums(path.parent).get(path.name)
+    if expected is not None and _sha256(path) != expected:
+        raise ValueError(
+            f"checksum mismatch for {path}: the file was modified or is incomplete (e.g. a Git LFS pointer "
+            f"or an interrupted download). Restore it with `git checkout -- {path}` (after `git lfs pull` if "
+            f"it is stored with Git LFS) or retrain it with `python -m course_utils.train`.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not read checkpoint {path}: file is corrupt or not a checkpoint "
+                         f"(only tensors and plain python values are loaded): {exc}") from exc
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    if not {"format", "config", "state_dict"} <= keys or ckpt["format"] != CHECKPOINT_FORMAT:
+        found = f"format {ckpt.get('format')!r}, keys {sorted(map(str, keys))}" if keys else type(ckpt).__name__
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT!r} checkpoint with format, config and state_dict "
+                         f"(found {found}); {_TRAIN_HINT}")
+    config, stored = ckpt["config"], ckpt["state_dict"]
+    try:
+        model = build_model(config)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path} stores an invalid architecture config: {exc}") from exc
+    if not isinstance(stored, dict):
+        raise ValueError(f"checkpoint {path}: state_dict is a {type(stored).__name__}, not a dict")
+    own = model.state_dict()
+    problems = ([f"missing {k}" for k in own if k not in stored]
+                + [f"unexpected {k}" for k in stored if k not in own]
+                + [f"shape {k}: {tuple(stored[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                   if k in stored and (not isinstance(stored[k], torch.Tensor) or stored[k].shape != own[k].shape)])
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match the architecture of its stored config {config}: "
+                         f"{len(problems)} problems, first: {problems[:5]}")
+    model.load_state_dict(stored, strict=True)
+    model.metadata = dict(ckpt.get("metadata") or {})
+    return model.to(map_location).eval()
+
+
+def checkpoint_dir() -> Path:
+    """``<repo>/data/checkpoints``: where the course's pretrained checkpoints are committed."""
+    return Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+
+
+def available_pretrained(directory: str | Path | None = None) -> list[str]:
+    """Sorted names (file stems) of the ``.pt`` checkpoints registered in ``SHA256SUMS``."""
+    sums = _read_checksums(Path(directory) if directory is not None else checkpoint_dir())
+    return sorted(Path(name).stem for name in sums if name.endswith(".pt"))
+
+
+def load_pretrained(name: str, directory: str | Path | None = None) -> SimCLRModel:
+    """Load the registered checkpoint ``<directory>/<name>.pt`` (checksum-verified), in eval mode."""
+    directory = Path(directory) if directory is not None else checkpoint_dir()
+    names = available_pretrained(directory)
+    if name not in names:
+        listed = f"available: {', '.join(names)}" if names else f"none are committed yet; {_TRAIN_HINT}"
+        raise ValueError(f"unknown pretrained checkpoint {name!r} in {directory} ({listed})")
+    path = directory / f"{name}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed in {CHECKSUM_FILE} but missing; restore it with "
+                                f"`git checkout -- {path}` or {_TRAIN_HINT}")
+    return load_checkpoint(path)
+
+
+def write_checksum(path: str | Path) -> None:
+    """Add or replace the line of ``path`` in the ``SHA256SUMS`` beside it (atomic write)."""
+    path = Path(path)
+    sums_file = path.parent / CHECKSUM_FILE
+    lines = sums_file.read_text().splitlines() if sums_file.is_file() else []
+    keep = [line for line in lines
+            if line.startswith("#") or not line.strip() or line.split(maxsplit=1)[-1].removeprefix("*") != path.name]
+    text = "\n".join([*keep, f"{_sha256(path)}  {path.name}"]) + "\n"
+    _atomic_write(sums_file, lambda f: f.write(text.encode()))

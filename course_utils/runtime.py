@@ -1,0 +1,138 @@
+"""Device, precision, seeding and run-mode helpers shared by every notebook.
+
+* ``get_device()`` picks cuda > mps > cpu; ``COURSE_DEVICE`` overrides it.
+* ``autocast(device)`` is bf16 autocast where the hardware runs bf16 fast
+  (CUDA with bf16 support, CPUs with avx512_bf16 or AMX) and a no-op elsewhere;
+  ``COURSE_PRECISION=fp32`` turns it off.
+* ``quick_mode()`` is true under ``COURSE_QUICK=1`` (CI and ``make test``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_TRUE = {"1", "true", "yes", "on"}
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def quick_mode() -> bool:
+    """True when the environment asks for the quick (CI) settings: ``COURSE_QUICK=1``."""
+    return os.environ.get("COURSE_QUICK", "").strip().lower() in _TRUE
+
+
+def get_device() -> torch.device:
+    """The device to compute on: ``COURSE_DEVICE`` if set, else cuda > mps > cpu.
+
+    Raises:
+        ValueError: ``COURSE_DEVICE`` names a device that this machine does not have.
+    """
+    requested = os.environ.get("COURSE_DEVICE", "").strip()
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as err:
+            raise ValueError(f"COURSE_DEVICE={requested!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"COURSE_DEVICE={requested!r} but PyTorch sees no CUDA GPU here; unset it or use cpu.")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"COURSE_DEVICE={requested!r} but MPS is not available here; unset it or use cpu.")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (all devices); returns a CPU generator seeded with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = _CPUINFO.read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """True on CPUs with AMX tiles for bf16 matrix multiplication."""
+    return {"amx_bf16", "amx_tile"} <= cpu_flags(cpuinfo)
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (avx512_bf16 or AMX), so bf16 autocast is fast."""
+    flags = cpu_flags(cpuinfo)
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_enabled(device: torch.device | str) -> bool:
+    """Whether ``autocast(device)`` will use bf16 on this machine."""
+    if os.environ.get("COURSE_PRECISION", "").strip().lower() == "fp32":
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_supports_bf16()
+    return False
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on hardware that runs it fast, a no-op context elsewhere.
+
+    Use it around forward passes only; losses that need precision (NT-Xent's
+    log-sum-exp) should be computed in fp32 on ``.float()`` outputs.
+    """
+    device = torch.device(device)
+    if bf16_enabled(device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def environment_report() -> dict[str, str]:
+    """Versions, device and precision, as printed at the top of every notebook."""
+    import torchvision
+
+    from course_utils import __version__
+
+    device = get_device()
+    report = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "course_utils": __version__,
+        "device": str(device),
+        "bf16 autocast": "on" if bf16_enabled(device) else "off",
+        "CPU threads": str(torch.get_num_threads()),
+        "CPU bf16 / AMX": f"{cpu_supports_bf16()} / {cpu_has_amx()}",
+        "quick mode": str(quick_mode()),
+    }
+    if device.type == "cuda":
+        report["GPU"] = torch.cuda.get_device_name(device)
+    return report
+
+
+def format_report(report: dict[str, str]) -> str:
+    """A two-column text table of a report dict."""
+    width = max(map(len, report))
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in report.items())
