@@ -107,7 +107,7 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 18, width: int = 64, small_input: bool = True,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
-        if depth not in _ARCHS or isinstance(depth, bool):
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth not in _ARCHS:
             raise ValueError(f"unsupported ResNet depth {depth!r}; supported depths: {sorted(_ARCHS)}")
         if not isinstance(width, int) or isinstance(width, bool) or width < 1:
             raise ValueError(f"width must be an integer >= 1, got {width!r}")
@@ -161,8 +161,8 @@ class SimCLRModel(nn.Module):
             raise ValueError(f"proj_dim must be an integer >= 1, got {proj_dim!r}")
         r = encoder.out_dim
         self.encoder = encoder
-        # no bias before BatchNorm, which would cancel it
-        self.projector = nn.Sequential(nn.Linear(r, r, bias=False), nn.BatchNorm1d(r), nn.ReLU(), nn.Linear(r, proj_dim))
+        self.projector = nn.Sequential(  # no bias before BatchNorm, which would cancel it
+            nn.Linear(r, r, bias=False), nn.BatchNorm1d(r), nn.ReLU(), nn.Linear(r, proj_dim))
         self.config = {"encoder": dict(encoder.config), "proj_dim": proj_dim}
         self.metadata: dict[str, Any] = {}
 
@@ -221,9 +221,9 @@ def save_checkpoint(model: SimCLRModel, path: str | Path, **metadata: Any) -> No
     for key, value in metadata.items():
         _check_plain(value, repr(key))
     metadata.update(
-        versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
+        versions={"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
                   "python": platform.python_version(),
-                  "course_utils": getattr(course_utils, "__version__", "unknown")},
+                  "course_utils": str(getattr(course_utils, "__version__", "unknown"))},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
@@ -270,8 +270,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"could not read checkpoint {path}: file is corrupt or not a checkpoint "
-                         f"(only tensors and plain python values are loaded): {exc}") from exc
+        raise ValueError(f"could not read checkpoint {path}: file is corrupt or not a checkpoint (e.g. a Git LFS "
+                         f"pointer, an interrupted download, or pickled objects other than tensors and plain "
+                         f"python values, which weights_only loading refuses; {type(exc).__name__})") from exc
     keys = set(ckpt) if isinstance(ckpt, dict) else set()
     if not {"format", "config", "state_dict"} <= keys or ckpt["format"] != CHECKPOINT_FORMAT:
         found = f"format {ckpt.get('format')!r}, keys {sorted(map(str, keys))}" if keys else type(ckpt).__name__
@@ -287,7 +288,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     own = model.state_dict()
     problems = ([f"missing {k}" for k in own if k not in stored]
                 + [f"unexpected {k}" for k in stored if k not in own]
-                + [f"shape {k}: {tuple(stored[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                + [f"shape {k}: {tuple(getattr(stored[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
                    if k in stored and (not isinstance(stored[k], torch.Tensor) or stored[k].shape != own[k].shape)])
     if problems:
         raise ValueError(f"checkpoint {path} does not match the architecture of its stored config {config}: "

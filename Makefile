@@ -1,0 +1,50 @@
+# ssl-xai-course — `make run` executes the whole course, `make test` checks it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+.PHONY: setup run test lab bench clean clean-all
+
+## setup: create .venv and install requirements + course_utils (editable); skipped when nothing changed
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing the course environment into $(VENV) (first time: a few minutes; log in $(VENV)/install.log)"
+	@$(BIN)/python -m pip install -r requirements.txt -e . > $(VENV)/install.log 2>&1 \
+		|| { tail -n 30 $(VENV)/install.log; echo "pip failed: see $(VENV)/install.log"; exit 1; }
+	@$(BIN)/python -c "import course_utils, torch; print('course_utils', course_utils.__version__, '| torch', torch.__version__)"
+	@touch $(STAMP)
+
+## run: execute every notebook in order at full settings, in place (figures go to figures/)
+run: setup
+	@test -n "$(NOTEBOOKS)" || { echo "no notebooks found in notebooks/"; exit 1; }
+	@for nb in $(NOTEBOOKS); do \
+		start=$$(date +%s); echo "== executing $$nb (full settings)"; \
+		COURSE_QUICK=0 $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING "$$nb" "$$nb" || exit 1; \
+		echo "   done in $$(( $$(date +%s) - start )) s"; \
+	done
+
+## test: unit tests + every notebook executed in quick mode (papermill), then nbval over the committed notebooks
+test: setup
+	COURSE_QUICK=1 $(BIN)/python -m pytest tests
+	COURSE_QUICK=1 $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+
+## lab: open the course in JupyterLab
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+## bench: the performance table (ratios against the naive pipelines, same run)
+bench: setup
+	$(BIN)/python -m course_utils.bench
+
+## clean: remove generated figures and caches (keeps .venv and data/cache)
+clean:
+	rm -rf figures .pytest_cache build *.egg-info
+	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+## clean-all: also remove the environment and downloaded/trained data in data/cache
+clean-all: clean
+	rm -rf $(VENV) data/cache

@@ -1,0 +1,102 @@
+"""ipywidgets explorers.  Each widget's callback is a plain function of its
+control values (``explorer_view`` …), so it can be tested without a browser.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import torch
+
+from course_utils.data.shapes import ShapesWorld
+from course_utils.plots import image_grid
+
+ANY = "any"
+FILTERABLE = ("shape", "color", "texture", "size", "position", "background", "background_color", "distractor")
+
+
+def select_samples(world: ShapesWorld, limit: int | None = None, **filters: str) -> torch.Tensor:
+    """Indices of the images whose attributes have the given value names.
+
+    Example: ``select_samples(world, shape="star", color="red")``; ``"any"``
+    leaves an attribute free.
+
+    Returns:
+        LongTensor [k] of indices (at most ``limit``), in data set order.
+    """
+    keep = torch.ones(len(world), dtype=torch.bool)
+    for attribute, value in filters.items():
+        if value == ANY:
+            continue
+        if attribute not in world.attribute_names:
+            raise ValueError(f"unknown attribute {attribute!r}; choose from {sorted(world.attribute_names)}")
+        names = world.attribute_names[attribute]
+        if value not in names:
+            raise ValueError(f"{attribute} has no value {value!r}; its values are {names}")
+        keep &= world.attributes[attribute] == names.index(value)
+    indices = keep.nonzero(as_tuple=True)[0]
+    return indices if limit is None else indices[:limit]
+
+
+def explorer_view(
+    worlds: Mapping[str, ShapesWorld], variant: str, show_masks: bool = True, count: int = 8, **filters: str
+) -> tuple[plt.Figure | None, str]:
+    """The explorer's callback: a figure of matching images and a summary line.
+
+    Args:
+        worlds: the data set variants to choose from, by name.
+        variant: key of ``worlds``.
+        show_masks: outline the labelled object's mask.
+        count: how many images to show.
+        filters: attribute -> value name (or "any").
+    Returns:
+        (fig, text); fig is None when nothing matches, and text says so.
+    """
+    world = worlds[variant]
+    matches = select_samples(world, **filters)
+    chosen = ", ".join(f"{k}={v}" for k, v in filters.items() if v != ANY) or "no filter"
+    if matches.numel() == 0:
+        return None, f"No image of {variant} matches {chosen}; loosen a filter."
+    shown = matches[:count]
+    fig, _ = image_grid(
+        world.images[shown],
+        titles=[world.captions[i] for i in shown.tolist()],
+        masks=world.masks[shown] if show_masks else None,
+        ncols=4,
+        panel_size=2.2,
+    )
+    text = f"{matches.numel()} of {len(world)} images of {variant} match {chosen}; showing {shown.numel()}."
+    return fig, text
+
+
+def shapes_explorer(worlds: Mapping[str, ShapesWorld], count: int = 8) -> widgets.Widget:
+    """Dropdowns for every attribute, a data-set variant selector and a mask toggle."""
+    first = next(iter(worlds.values()))
+    dropdowns = {
+        name: widgets.Dropdown(options=[ANY, *first.attribute_names[name]], value=ANY, description=name)
+        for name in FILTERABLE
+    }
+    variant = widgets.ToggleButtons(options=list(worlds), description="data set")
+    show_masks = widgets.Checkbox(value=True, description="outline masks")
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            fig, text = explorer_view(
+                worlds, variant.value, show_masks.value, count, **{k: d.value for k, d in dropdowns.items()}
+            )
+            print(text)
+            if fig is not None:
+                plt.show()
+                plt.close(fig)
+
+    for control in (*dropdowns.values(), variant, show_masks):
+        control.observe(refresh, names="value")
+    refresh()
+    controls = widgets.GridBox(
+        list(dropdowns.values()), layout=widgets.Layout(grid_template_columns="repeat(4, 240px)")
+    )
+    return widgets.VBox([variant, controls, show_masks, output])

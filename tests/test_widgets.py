@@ -1,0 +1,59 @@
+"""The explorer callbacks, run headless."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from course_utils.data.shapes import ShapesWorld
+from course_utils.widgets import explorer_view, select_samples, shapes_explorer
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    return {
+        "default": ShapesWorld(n=600, seed=0),
+        "spurious": ShapesWorld(n=600, seed=0, spurious=0.9),
+    }
+
+
+def test_select_samples_returns_exactly_the_matching_images(worlds):
+    world = worlds["default"]
+    chosen = select_samples(world, shape="star", color="red")
+    expected = (world.labels == world.classes.index("star")) & (
+        world.attributes["color"] == world.attribute_names["color"].index("red")
+    )
+    assert torch.equal(chosen, expected.nonzero(as_tuple=True)[0]) and chosen.numel() > 0
+    assert select_samples(world, shape="any").numel() == len(world)
+    assert select_samples(world, limit=3, shape="ring").numel() == 3
+
+
+def test_select_samples_rejects_unknown_attribute_or_value(worlds):
+    with pytest.raises(ValueError, match="unknown attribute"):
+        select_samples(worlds["default"], flavour="sweet")
+    with pytest.raises(ValueError, match="values are"):
+        select_samples(worlds["default"], shape="hexagon")
+
+
+def test_explorer_view_shows_matching_captions_and_counts(worlds):
+    fig, text = explorer_view(worlds, "spurious", show_masks=True, count=4, shape="heart", background="any")
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 4 and all("heart" in t for t in titles)
+    assert "spurious" in text and "match shape=heart" in text
+    matplotlib.pyplot.close(fig)
+
+
+def test_explorer_view_says_when_nothing_matches(worlds):
+    fig, text = explorer_view(worlds, "default", shape="star", texture="dotted")
+    assert fig is None and "No image" in text
+
+
+def test_shapes_explorer_builds_headless_and_reacts_to_controls(worlds):
+    box = shapes_explorer(worlds)
+    variant, grid, show_masks, output = box.children
+    shape = next(d for d in grid.children if d.description == "shape")
+    shape.value = "cross"
+    variant.value = "spurious"
+    assert variant.value == "spurious" and shape.value == "cross"
