@@ -135,7 +135,8 @@ def load_dataset(
                 so ``root`` and ``download`` are ignored.
             "shapes-spurious": the same with ``spurious`` defaulting to 0.9.
             "fashion-mnist": 60000 train / 10000 test grey-scale 28x28 images,
-                repeated to 3 channels, from the four idx files (plain or .gz).
+                repeated to 3 channels, from the four idx files (plain or .gz)
+                in ``root``, ``root/FashionMNIST/raw`` or ``root/fashion-mnist``.
             "cifar10": 50000 train / 10000 test 32x32 images from the python
                 pickles in ``<root>/cifar-10-batches-py``.
             "stl10": 5000 train / 8000 test / 100000 unlabeled 96x96 images
@@ -143,7 +144,9 @@ def load_dataset(
             "folder": your own images in ``root/<class_name>/*.png`` (also jpg,
                 jpeg, bmp, webp; sub-folders of a class folder are included).
                 ``split`` is ignored unless ``root/<split>/`` exists, in which
-                case that folder is used; classes are the sorted folder names.
+                case that folder is used (if only other split folders such as
+                ``root/train`` exist, FileNotFoundError); classes are the sorted
+                folder names.
         split: "train", "test", "val" (shapes), "unlabeled" (stl10, labels -1).
         root: folder holding the files (required for "folder").  When None,
             ``default_data_root()`` is searched and, for Fashion-MNIST, also
@@ -200,6 +203,28 @@ def load_dataset(
         raise FileNotFoundError(_missing_message(name, split, folders, needed))
     reader = {"fashion-mnist": _read_fashion_mnist, "cifar10": _read_cifar10, "stl10": _read_stl10}[name]
     return reader(*found, split, size)
+
+
+def dataset_status(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Which data sets can be loaded here, and from where (the train split is checked).
+
+    Returns:
+        name -> "found in <folder>" or "not found (looked in ...); how to get it".
+    """
+    base = Path(root) if root is not None else default_data_root()
+    status = {"shapes": "built in (generated on the fly, no files needed)"}
+    hints = {
+        "fashion-mnist": "apt-get install dataset-fashion-mnist, or download=True",
+        "cifar10": "extract cifar-10-python.tar.gz into the data root, or download=True",
+        "stl10": "extract stl10_binary.tar.gz into the data root, or download=True",
+    }
+    for name, hint in hints.items():
+        folders = _candidate_folders(name, base, search_debian=root is None)
+        found = _locate(folders, _required_files(name, "train"))
+        status[name] = (
+            f"found in {found[0]}" if found else f"not found (looked in {', '.join(map(str, folders))}); {hint}"
+        )
+    return status
 
 
 # --------------------------------------------------------------------------
@@ -475,7 +500,10 @@ def _load_folder(root: Path, split: str, size: int) -> ImageTensorDataset:
             )
         folder = root
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    expected = f"expected {folder}/<class_name>/<image> with one folder per class, images ending in {IMAGE_EXTENSIONS}"
+    expected = (
+        f"expected {folder}/<class_name>/<image> with one folder per class, images ending in "
+        f"{', '.join(IMAGE_EXTENSIONS)}"
+    )
     if not classes:
         raise FileNotFoundError(f"No class folders in {folder}; {expected}.")
     samples: list[tuple[Path, int]] = []
@@ -514,7 +542,7 @@ def _square_image(path: Path, size: int) -> np.ndarray:
     new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
     image = image.resize(new_size, Image.Resampling.BILINEAR)
     left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return np.array(image.crop((left, top, left + size, top + size)))
 
 
 # --------------------------------------------------------------------------
