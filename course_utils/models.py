@@ -223,7 +223,7 @@ def save_checkpoint(model: SimCLRModel, path: str | Path, **metadata: Any) -> No
     metadata.update(
         versions={"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
                   "python": platform.python_version(),
-                  "course_utils": str(getattr(course_utils, "__version__", "unknown"))},
+                  "course_utils": course_utils.__version__},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
