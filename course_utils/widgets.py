@@ -10,6 +10,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 
+from course_utils.data.augment import SimCLRAugment
 from course_utils.data.shapes import ShapesWorld
 from course_utils.plots import image_grid
 
@@ -100,3 +101,62 @@ def shapes_explorer(worlds: Mapping[str, ShapesWorld], count: int = 8) -> widget
         list(dropdowns.values()), layout=widgets.Layout(grid_template_columns="repeat(4, 240px)")
     )
     return widgets.VBox([variant, controls, show_masks, output])
+
+
+AUGMENT_SLIDERS = {  # name -> (min, max, step, default): the course recipe for 32 px ShapesWorld
+    "crop_min_scale": (0.05, 1.0, 0.05, 0.35),
+    "flip_p": (0.0, 1.0, 0.1, 0.5),
+    "jitter_p": (0.0, 1.0, 0.1, 0.8),
+    "brightness": (0.0, 1.0, 0.1, 0.8),
+    "contrast": (0.0, 1.0, 0.1, 0.8),
+    "saturation": (0.0, 1.0, 0.1, 0.8),
+    "hue": (0.0, 0.5, 0.05, 0.5),
+    "grayscale_p": (0.0, 1.0, 0.1, 0.2),
+    "blur_p": (0.0, 1.0, 0.1, 0.0),
+}
+
+
+def augmentation_view(images: torch.Tensor, seed: int = 0, crop_min_scale: float = 0.35,
+                      **strengths: float) -> tuple[plt.Figure, torch.Tensor]:
+    """The augmentation explorer's callback: each image next to two random views.
+
+    Args:
+        images: float [B, 3, S, S] in [0, 1].
+        seed: seed of the views (the same seed redraws the same views).
+        crop_min_scale, strengths: SimCLRAugment parameters (see ``AUGMENT_SLIDERS``).
+    Returns:
+        (fig, views float [2, B, 3, S, S]); rows of the figure: original, view 1, view 2.
+    """
+    augment = SimCLRAugment(images.shape[-1], crop_scale=(crop_min_scale, 1.0),
+                            blur_sigma=(1.0 / 32, 2.0 / 32), **strengths)
+    generator = torch.Generator().manual_seed(seed)
+    views = torch.stack([augment(images, generator), augment(images, generator)])
+    count = images.shape[0]
+    titles = ["original"] * count + ["view 1"] * count + ["view 2"] * count
+    fig, _ = image_grid(torch.cat([images, views[0], views[1]]), titles=titles, ncols=count, panel_size=1.5)
+    return fig, views
+
+
+def augmentation_explorer(images: torch.Tensor) -> widgets.Widget:
+    """Sliders for every augmentation strength; shows each image with two views."""
+    sliders = {
+        name: widgets.FloatSlider(value=default, min=lo, max=hi, step=step, description=name,
+                                  continuous_update=False)
+        for name, (lo, hi, step, default) in AUGMENT_SLIDERS.items()
+    }
+    seed = widgets.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            fig, _ = augmentation_view(images, seed.value, **{k: s.value for k, s in sliders.items()})
+            plt.show()
+            plt.close(fig)
+
+    for control in (*sliders.values(), seed):
+        control.observe(refresh, names="value")
+    refresh()
+    controls = widgets.GridBox(
+        [*sliders.values(), seed], layout=widgets.Layout(grid_template_columns="repeat(3, 320px)"))
+    return widgets.VBox([controls, output])

@@ -10,4 +10,12 @@ def test_bench_reports_a_ratio_against_the_naive_pipeline(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ShapesWorld generation |" in out and "ratio" in out
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved[0]["ratio"] == rows[0].ratio
+    assert saved["rows"][0]["ratio"] == rows[0].ratio and saved["quick"]
+
+
+def test_bench_measures_augmentation_and_training_against_the_tutorial_pipeline(tmp_path):
+    rows = bench.main(["--quick", "--only", "augment", "training", "--json", str(tmp_path / "bench.json")])
+    names = [r.name for r in rows]
+    assert names == ["SimCLR augmentation", "SimCLR training (course vs tutorial)",
+                     "SimCLR training (bf16+channels_last vs fp32)"]
+    assert all(r.course > 0 and r.naive > 0 for r in rows)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from course_utils.data.shapes import ShapesWorld
-from course_utils.widgets import explorer_view, select_samples, shapes_explorer
+from course_utils.widgets import (
+    AUGMENT_SLIDERS, augmentation_explorer, augmentation_view, explorer_view, select_samples, shapes_explorer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,24 @@ def test_shapes_explorer_builds_headless_and_reacts_to_controls(worlds):
     shape.value = "cross"
     variant.value = "spurious"
     assert variant.value == "spurious" and shape.value == "cross"
+
+
+def test_augmentation_view_shows_originals_and_two_views(worlds):
+    images = worlds["default"].images[:4].float() / 255
+    fig, views = augmentation_view(images, seed=1)
+    assert views.shape == (2, 4, 3, 32, 32) and not torch.equal(views[0], views[1])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles.count("original") == 4 and titles.count("view 2") == 4
+    matplotlib.pyplot.close(fig)
+    fig, again = augmentation_view(images, seed=1)
+    assert torch.equal(again, views)
+    matplotlib.pyplot.close(fig)
+    fig, grey = augmentation_view(images, seed=2, grayscale_p=1.0)
+    assert torch.allclose(grey[:, :, 0], grey[:, :, 1])
+    matplotlib.pyplot.close(fig)
+
+
+def test_augmentation_explorer_has_a_slider_per_strength(worlds):
+    box = augmentation_explorer(worlds["default"].images[:3].float() / 255)
+    names = [c.description for c in box.children[0].children]
+    assert names == [*AUGMENT_SLIDERS, "seed"]

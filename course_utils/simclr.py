@@ -1,0 +1,363 @@
+"""SimCLR: the NT-Xent loss, a fast training loop that scales out with torchrun,
+and the frozen-feature evaluations (linear probe, k-NN).
+
+Training keeps the whole data set on the device as uint8 and builds both views
+with the batched ``SimCLRAugment``; forward passes run under bf16 autocast and
+channels_last where the hardware supports it.  Under ``torchrun`` the same
+function trains with DistributedDataParallel (gloo on CPU, nccl on GPU), and the
+loss gathers the negatives of every process, so N processes compute the loss of
+one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from course_utils.data.augment import SimCLRAugment
+from course_utils.models import SimCLRModel, _atomic_write, save_checkpoint
+from course_utils.runtime import autocast, get_device
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent loss of two views, averaged over all 2B anchors.
+
+    ``l(i, j) = -log exp(sim(z_i, z_j) / t) / sum_{k != i} exp(sim(z_i, z_k) / t)`` with cosine
+    similarity.  Under torch.distributed the candidates (positives and negatives) are gathered
+    from every process with gradient, so the loss equals the single-process loss of the
+    concatenated batch (each process averages over its own anchors; DDP averages gradients).
+
+    Args:
+        z1, z2: [B, D] projections of the two views (unnormalised); row i of each is one image.
+        temperature: t > 0.
+    Returns:
+        scalar float32 tensor.
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"nt_xent needs z1, z2 of equal shape [B, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 1:
+        raise ValueError("nt_xent needs at least one pair")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    batch = z1.shape[0]
+    if _distributed():
+        from torch.distributed.nn.functional import all_gather
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        all1, all2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))
+    else:
+        world, rank, all1, all2 = 1, 0, z1, z2
+    candidates = torch.cat([all1, all2])  # [2 B N, D]
+    anchors = torch.cat([z1, z2])  # [2 B, D]
+    logits = anchors @ candidates.T / temperature  # [2 B, 2 B N]
+    local = torch.arange(batch, device=z1.device) + rank * batch
+    half = batch * world
+    self_index = torch.cat([local, local + half])
+    positive = torch.cat([local + half, local])
+    logits[torch.arange(2 * batch, device=z1.device), self_index] = float("-inf")
+    return F.cross_entropy(logits, positive)
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch training record (lists of equal length, one entry per epoch)."""
+
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    pairs_per_s: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    knn: list[float | None] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list]:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+
+def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    """Linear warm-up over the first ``warmup_fraction`` of steps, then cosine decay to 0."""
+    warmup = max(1, int(round(warmup_fraction * total)))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _epoch_indices(n: int, epoch: int, seed: int, batch_size: int) -> torch.Tensor:
+    """This process's shuffled sample indices for one epoch (DistributedSampler semantics), [steps, B]."""
+    sampler = torch.utils.data.DistributedSampler(
+        range(n), num_replicas=dist.get_world_size() if _distributed() else 1,
+        rank=dist.get_rank() if _distributed() else 0, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = torch.tensor(list(sampler))
+    steps = len(indices) // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size={batch_size} is larger than the {len(indices)} images per process; "
+                         "use a smaller batch or more data")
+    return indices[: steps * batch_size].view(steps, batch_size)
+
+
+def _dataset_images(dataset: Any) -> torch.Tensor:
+    images = getattr(dataset, "images", None)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError("train_simclr needs a data set with .images uint8 [N, 3, H, W] "
+                         "(ShapesWorld or load_dataset(...)); got " + type(dataset).__name__)
+    return images
+
+
+def train_simclr(
+    model: SimCLRModel,
+    dataset: Any,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    temperature: float = 0.5,
+    weight_decay: float = 1e-4,
+    warmup_fraction: float = 0.03,
+    augment: SimCLRAugment | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    knn_data: tuple[Any, Any] | None = None,
+    callback: Callable[[int, TrainHistory], None] | None = None,
+    progress: bool = True,
+    channels_last: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> TrainHistory:
+    """Train ``model`` with SimCLR on ``dataset.images``; returns the per-epoch history.
+
+    Args:
+        model: SimCLRModel (encoder + projector); trained in place.
+        dataset: anything with ``.images`` uint8 [N, 3, H, W] (ShapesWorld, ImageTensorDataset).
+        epochs: total number of epochs (also when resuming).
+        batch_size: images per step and process; each gives two views.
+        lr, weight_decay: AdamW; ``lr`` is scaled by nothing (set it for the global batch).
+        temperature: NT-Xent temperature.
+        warmup_fraction: share of the steps with linear warm-up before the cosine decay.
+        augment: the view generator (default ``SimCLRAugment(image side)``).
+        seed: the randomness of epoch e depends only on (seed, e, rank), so a resumed run
+            repeats an uninterrupted one.
+        checkpoint: training-state file written atomically after each epoch (model, optimizer,
+            history); with ``resume=True`` training continues from it when it exists.
+        knn_data: optional (train, test) data sets for a k-NN accuracy after each epoch.
+        callback: called as ``callback(epoch, history)`` after each epoch (live plots).
+        metadata: plain values stored with the checkpoint (e.g. the command that trained it).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    images = _dataset_images(dataset)
+    device = torch.device(device) if device is not None else get_device()
+    rank = dist.get_rank() if _distributed() else 0
+    images = images.to(device)
+    augment = augment or SimCLRAugment(images.shape[-1])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device).to(memory_format=memory_format)
+    net: nn.Module = model
+    if _distributed():
+        # Batch-norm statistics are synchronised across GPUs; PyTorch's SyncBatchNorm has no CPU
+        # kernel, so CPU processes keep per-process statistics (the loss itself is exact).
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = _epoch_indices(images.shape[0], 0, seed, batch_size).shape[0]
+    total_steps = steps_per_epoch * epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, total_steps, warmup_fraction))
+    history, start_epoch = TrainHistory(), 0
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = TrainHistory(**state["history"])
+        start_epoch = int(state["epoch"]) + 1
+    for epoch in range(start_epoch, epochs):
+        net.train()
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+        batches = _epoch_indices(images.shape[0], epoch, seed, batch_size)
+        started, losses = time.perf_counter(), []
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
+        for index in bar:
+            x = images[index.to(device)].float().div_(255)
+            views = torch.cat([augment(x, generator), augment(x, generator)])
+            views = views.contiguous(memory_format=memory_format)
+            with autocast(device):
+                _, z = net(views)
+            z1, z2 = z.float().chunk(2)
+            loss = nt_xent(z1, z2, temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"SimCLR loss became {loss.item()} at epoch {epoch}; lower lr "
+                                         f"(now {scheduler.get_last_lr()[0]:.2e}) or raise the temperature")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{len(losses) * batch_size / elapsed:.0f}")
+        seconds = time.perf_counter() - started
+        knn = None
+        if knn_data is not None:
+            train_feats = extract_features(model.encoder, knn_data[0], device=device, progress=False)
+            test_feats = extract_features(model.encoder, knn_data[1], device=device, progress=False)
+            knn = knn_accuracy(*train_feats, *test_feats)
+        world = dist.get_world_size() if _distributed() else 1
+        history.epoch.append(epoch + 1)
+        history.loss.append(float(np.mean(losses)))
+        history.lr.append(float(scheduler.get_last_lr()[0]))
+        history.pairs_per_s.append(len(losses) * batch_size * world / seconds)
+        history.seconds.append(seconds)
+        history.knn.append(knn)
+        if checkpoint is not None and rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history.as_dict(), "epoch": epoch,
+                     "config": model.config, "metadata": metadata or {}}
+            _atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
+        if callback is not None:
+            callback(epoch + 1, history)
+    model.to(memory_format=torch.contiguous_format)
+    return history
+
+
+def export_checkpoint(training_state: str | Path, path: str | Path, **metadata: Any) -> None:
+    """Turn a training-state file into a course checkpoint (model + metadata only)."""
+    state = torch.load(training_state, map_location="cpu", weights_only=True)
+    from course_utils.models import build_model
+
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    save_checkpoint(model, path, **{**state["metadata"], "history": state["history"], **metadata})
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module, dataset: Any, batch_size: int = 512, device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen representations of a data set.
+
+    Returns:
+        (H float32 [N, r] on the CPU, y int64 [N]).
+    """
+    images = _dataset_images(dataset)
+    labels = getattr(dataset, "labels")
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval().to(device)
+    features = []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress, leave=False):
+        x = images[start:start + batch_size].to(device).float().div_(255)
+        with autocast(device):
+            features.append(encoder(x).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(features), labels.clone().long()
+
+
+@dataclass
+class ProbeResult:
+    """Linear probe on frozen features.
+
+    ``classifier`` is an ``nn.Linear(r, C)`` that takes *raw* features h (the standardisation is
+    folded into its weights), so ``classifier(h)`` gives the probe's logits, e.g. for Grad-CAM.
+    """
+
+    accuracy: float
+    classifier: nn.Linear
+    predictions: torch.Tensor  # int64 [N_test]
+    train_accuracy: float
+
+
+def _check_features(H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor) -> None:
+    if H_train.ndim != 2 or H_test.ndim != 2 or H_train.shape[1] != H_test.shape[1]:
+        raise ValueError(f"features must be [N, r] with equal r, got {tuple(H_train.shape)} and {tuple(H_test.shape)}")
+    if len(H_train) == 0 or len(H_test) == 0:
+        raise ValueError("empty feature set: extract features from a non-empty data set first")
+    if len(H_train) != len(y_train) or len(H_test) != len(y_test):
+        raise ValueError("features and labels differ in length")
+    if not (torch.isfinite(H_train).all() and torch.isfinite(H_test).all()):
+        raise ValueError("features contain NaN or inf; check the encoder (was training unstable?)")
+
+
+def linear_probe(
+    H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor,
+    C: float = 1.0, max_iter: int = 1000,
+) -> ProbeResult:
+    """Multinomial logistic regression on standardised frozen features (L-BFGS, scikit-learn).
+
+    Args:
+        H_train [N, r], y_train [N], H_test [M, r], y_test [M]; C: inverse L2 strength.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    _check_features(H_train, y_train, H_test, y_test)
+    mean, std = H_train.mean(0), H_train.std(0).clamp(min=1e-6)
+    fit = LogisticRegression(C=C, max_iter=max_iter)
+    fit.fit(((H_train - mean) / std).numpy(), y_train.numpy())
+    weight = torch.as_tensor(fit.coef_, dtype=torch.float32)
+    bias = torch.as_tensor(fit.intercept_, dtype=torch.float32)
+    classes = torch.as_tensor(fit.classes_)
+    if weight.shape[0] == 1:  # binary: scikit-learn keeps one row
+        weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+    classifier = nn.Linear(H_train.shape[1], weight.shape[0])
+    with torch.no_grad():
+        classifier.weight.copy_(weight / std)
+        classifier.bias.copy_(bias - (weight * mean / std).sum(1))
+        predictions = classes[classifier(H_test).argmax(1)]
+        train_predictions = classes[classifier(H_train).argmax(1)]
+    return ProbeResult(
+        accuracy=(predictions == y_test).float().mean().item(),
+        classifier=classifier,
+        predictions=predictions,
+        train_accuracy=(train_predictions == y_train).float().mean().item(),
+    )
+
+
+def knn_accuracy(
+    H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor,
+    k: int = 200, temperature: float = 0.1, chunk: int = 1024,
+) -> float:
+    """Weighted k-NN accuracy with cosine similarity: each of the k nearest training samples votes
+    for its class with weight exp(sim / temperature) (Wu et al. 2018, as in SimCLR evaluations)."""
+    _check_features(H_train, y_train, H_test, y_test)
+    k = min(k, len(H_train))
+    train = F.normalize(H_train.float(), dim=1)
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    correct = 0
+    for start in range(0, len(H_test), chunk):
+        test = F.normalize(H_test[start:start + chunk].float(), dim=1)
+        sims, idx = (test @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(test), n_classes).scatter_add_(1, y_train[idx], torch.exp(sims / temperature))
+        correct += (votes.argmax(1) == y_test[start:start + chunk]).sum().item()
+    return correct / len(H_test)
+
+
+def raw_pixel_features(dataset: Any, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw-pixel baseline: flattened images in [0, 1] (optionally downsampled), [N, 3 S S]."""
+    images = _dataset_images(dataset).float() / 255
+    if size is not None:
+        images = F.interpolate(images, size=(size, size), mode="area")
+    return images.flatten(1), getattr(dataset, "labels").clone().long()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process (0, 1 outside torchrun)."""
+    if _distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,188 @@
+"""``python -m course_utils.train --preset NAME``: reproducible SimCLR checkpoints.
+
+Each preset fixes data, encoder, augmentation and optimisation.  The run writes
+a training-state file (resumable with ``--resume``), then a course checkpoint
+``<out>/<name>.pt`` whose metadata holds the exact command, and
+``<out>/<name>.json`` with the evaluation: linear-probe and k-NN accuracy on
+held-out data, next to a random-init encoder of the same architecture and raw
+pixels.  ``--commit`` writes into ``data/checkpoints`` and registers the sha256.
+Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from course_utils.data.augment import SimCLRAugment
+from course_utils.data.datasets import ImageTensorDataset, default_data_root, load_dataset
+from course_utils.models import SimCLRModel, _atomic_write, checkpoint_dir, resnet, write_checksum
+from course_utils.runtime import get_device, seed_everything
+from course_utils.simclr import (
+    export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features, train_simclr,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a training run depends on."""
+
+    name: str
+    description: str
+    data: str
+    data_options: dict[str, Any]
+    depth: int
+    width: int
+    epochs: int
+    batch_size: int = 256
+    lr: float = 2e-3
+    temperature: float = 0.2
+    small_input: bool = True
+    augment: dict[str, Any] = field(default_factory=dict)
+    eval_options: dict[str, Any] = field(default_factory=dict)
+    device_hint: str = "cpu"
+
+
+NO_COLOUR = {"jitter_p": 0.0, "grayscale_p": 0.0}
+GRAY_IMAGES = {"saturation": 0.0, "hue": 0.0, "brightness": 0.4, "contrast": 0.4, "grayscale_p": 0.0}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("simclr-shapes-r10", "ShapesWorld 32 px, ResNet-10 width 32, bf16 on CPU (the course's default encoder)",
+           "shapes", {"n": 20_000, "size": 32, "seed": 0}, depth=10, width=32, epochs=25),
+    Preset("simclr-shapes-r10-nocolor", "as simclr-shapes-r10 but without colour jitter and grayscale",
+           "shapes", {"n": 20_000, "size": 32, "seed": 0}, depth=10, width=32, epochs=25, augment=NO_COLOUR),
+    Preset("simclr-fmnist-r10", "Fashion-MNIST 28 px, ResNet-10 width 32, bf16 on CPU (about 15 minutes)",
+           "fashion-mnist", {}, depth=10, width=32, epochs=5, augment={"crop_scale": (0.3, 1.0), **GRAY_IMAGES}),
+    Preset("simclr-shapes-r18-gpu", "ShapesWorld 32 px, ResNet-18 width 64 (GPU)",
+           "shapes", {"n": 50_000, "size": 32, "seed": 0}, depth=18, width=64, epochs=100, batch_size=512,
+           device_hint="cuda"),
+    Preset("simclr-cifar10-r18-gpu", "CIFAR-10, ResNet-18 width 64 (GPU; needs the CIFAR-10 files)",
+           "cifar10", {}, depth=18, width=64, epochs=200, batch_size=512, lr=1e-3, temperature=0.5,
+           augment={"crop_scale": (0.2, 1.0), "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1},
+           device_hint="cuda"),
+    Preset("simclr-stl10-r50-gpu", "STL-10 unlabeled 96 px, ResNet-50 width 64 (GPU; needs the STL-10 files)",
+           "stl10", {}, depth=50, width=64, epochs=100, batch_size=256, lr=1e-3, temperature=0.2,
+           small_input=False,
+           augment={"crop_scale": (0.08, 1.0), "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1,
+                    "blur_p": 0.5},
+           device_hint="cuda"),
+]}
+
+
+def _data(preset: Preset, split: str) -> Any:
+    if preset.data == "shapes":
+        options = dict(preset.data_options)
+        if split != "train":
+            options["n"] = 5_000
+        return load_dataset("shapes", split=split, **options)
+    if preset.data == "stl10" and split == "train":
+        return load_dataset("stl10", split="unlabeled")
+    return load_dataset(preset.data, split=split, **preset.data_options)
+
+
+def _subset(dataset: Any, n: int) -> ImageTensorDataset:
+    """The first ``n`` images of a data set (for the per-epoch k-NN monitor)."""
+    return ImageTensorDataset(dataset.images[:n], dataset.labels[:n].long(), list(dataset.classes),
+                              name=type(dataset).__name__, split="monitor", source=f"first {n} of {dataset!r}")
+
+
+def evaluate(model: SimCLRModel, preset: Preset, device: torch.device) -> dict[str, float]:
+    """Linear probe and k-NN on held-out data, with random-init and raw-pixel references."""
+    train_eval = _data(preset, "train") if preset.data != "stl10" else load_dataset("stl10", split="train")
+    test = _data(preset, "test")
+    features = {"simclr": model.encoder}
+    random_init = SimCLRModel(resnet(preset.depth, preset.width, preset.small_input)).encoder
+    features["random_init"] = random_init
+    metrics: dict[str, float] = {}
+    for name, encoder in features.items():
+        train_h = extract_features(encoder, train_eval, device=device, progress=False)
+        test_h = extract_features(encoder, test, device=device, progress=False)
+        metrics[f"{name}_probe"] = linear_probe(*train_h, *test_h).accuracy
+        metrics[f"{name}_knn"] = knn_accuracy(*train_h, *test_h)
+    pixel_size = 16 if train_eval.images.shape[-1] > 32 else None
+    metrics["raw_pixels_probe"] = linear_probe(*raw_pixel_features(train_eval, pixel_size),
+                                               *raw_pixel_features(test, pixel_size)).accuracy
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs")
+    parser.add_argument("--out", type=Path, help="output folder (default data/cache/checkpoints)")
+    parser.add_argument("--commit", action="store_true", help="write into data/checkpoints and register the sha256")
+    parser.add_argument("--resume", action="store_true", help="continue from the training-state file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    epochs = args.epochs or preset.epochs
+    command = "python -m course_utils.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = get_device()
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+    rank = dist.get_rank() if distributed else 0
+    seed_everything(args.seed)
+    out = checkpoint_dir() if args.commit else (args.out or default_data_root() / "checkpoints")
+    state_file = default_data_root() / "train" / f"{preset.name}.state.pt"
+    data = _data(preset, "train")
+    if rank == 0:
+        print(f"{preset.name}: {preset.description}\ndata: {getattr(data, 'source', repr(data))}\n"
+              f"device: {device}, epochs: {epochs}, command: {command}", flush=True)
+    model = SimCLRModel(resnet(preset.depth, preset.width, preset.small_input))
+    augment = SimCLRAugment(data.images.shape[-1] if preset.data != "stl10" else 96, **preset.augment)
+    started = time.perf_counter()
+
+    def report(epoch: int, history: Any) -> None:
+        if rank == 0:
+            knn = f" kNN {history.knn[-1]:.3f}" if history.knn[-1] is not None else ""
+            print(f"epoch {epoch}/{epochs} loss {history.loss[-1]:.4f} pairs/s {history.pairs_per_s[-1]:.0f}{knn} "
+                  f"elapsed {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+
+    monitor = None
+    if preset.data != "stl10":  # k-NN accuracy after each epoch on held-out images (5000 train / 2000 test)
+        monitor = (_subset(data, 5_000), _subset(_data(preset, "test"), 2_000))
+    history = train_simclr(
+        model, data, epochs, batch_size=preset.batch_size, lr=preset.lr, temperature=preset.temperature,
+        augment=augment, seed=args.seed, device=device, checkpoint=state_file, resume=args.resume,
+        knn_data=monitor, callback=report, progress=False,
+        metadata={"preset": preset.name, "command": command, "data": preset.data,
+                  "data_options": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.data_options.items()},
+                  "augment": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.augment.items()},
+                  "epochs": epochs, "batch_size": preset.batch_size, "lr": preset.lr,
+                  "temperature": preset.temperature, "seed": args.seed},
+    )
+    result: dict[str, Any] = {}
+    if rank == 0:
+        minutes = sum(history.seconds) / 60
+        metrics = evaluate(model, preset, device)
+        result = {"preset": preset.name, "command": command, "train_minutes": round(minutes, 2),
+                  "device": str(device), "epochs": epochs, **{k: round(v, 4) for k, v in metrics.items()}}
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = out / f"{preset.name}.pt"
+        export_checkpoint(state_file, checkpoint, metrics=result)
+        _atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+        if args.commit:
+            write_checksum(checkpoint)
+        print(json.dumps(result, indent=2), flush=True)
+    if distributed:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
