@@ -22,7 +22,7 @@ import torch
 from course_utils.data import shapes
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.shapes import ShapesWorld
-from course_utils.models import SimCLRModel, _atomic_write, resnet
+from course_utils.models import SimCLRModel, atomic_write, resnet
 from course_utils.runtime import environment_report, format_report, quick_mode
 from course_utils.simclr import nt_xent, train_simclr
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     report = {"environment": environment_report(), "quick": quick,
               "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"\nwritten to {args.json}")
     return rows
 

@@ -200,7 +200,7 @@ def _check_plain(value: Any, key: str) -> None:
                          "None, list, tuple and dict are allowed (convert it, e.g. with .item() or .tolist())")
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temp file in its directory and ``os.replace``: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
@@ -229,7 +229,7 @@ def save_checkpoint(model: SimCLRModel, path: str | Path, **metadata: Any) -> No
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in model.state_dict().items()}
     ckpt = {"format": CHECKPOINT_FORMAT, "config": model.config, "state_dict": state, "metadata": metadata}
-    _atomic_write(Path(path), lambda f: torch.save(ckpt, f))
+    atomic_write(Path(path), lambda f: torch.save(ckpt, f))
 
 
 def _sha256(path: Path) -> str:
@@ -331,4 +331,4 @@ def write_checksum(path: str | Path) -> None:
     keep = [line for line in lines
             if line.startswith("#") or not line.strip() or line.split(maxsplit=1)[-1].removeprefix("*") != path.name]
     text = "\n".join([*keep, f"{_sha256(path)}  {path.name}"]) + "\n"
-    _atomic_write(sums_file, lambda f: f.write(text.encode()))
+    atomic_write(sums_file, lambda f: f.write(text.encode()))

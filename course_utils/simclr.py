@@ -12,7 +12,6 @@ one process on the concatenated batch.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.data.augment import SimCLRAugment
-from course_utils.models import SimCLRModel, _atomic_write, save_checkpoint
+from course_utils.models import SimCLRModel, atomic_write, build_model, save_checkpoint
 from course_utils.runtime import autocast, get_device
 
 
@@ -229,7 +228,7 @@ def train_simclr(
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "history": history.as_dict(), "epoch": epoch,
                      "config": model.config, "metadata": metadata or {}}
-            _atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
+            atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
         if callback is not None:
             callback(epoch + 1, history)
     model.to(memory_format=torch.contiguous_format)
@@ -239,8 +238,6 @@ def train_simclr(
 def export_checkpoint(training_state: str | Path, path: str | Path, **metadata: Any) -> None:
     """Turn a training-state file into a course checkpoint (model + metadata only)."""
     state = torch.load(training_state, map_location="cpu", weights_only=True)
-    from course_utils.models import build_model
-
     model = build_model(state["config"])
     model.load_state_dict(state["model"])
     save_checkpoint(model, path, **{**state["metadata"], "history": state["history"], **metadata})
@@ -354,10 +351,3 @@ def raw_pixel_features(dataset: Any, size: int | None = None) -> tuple[torch.Ten
     if size is not None:
         images = F.interpolate(images, size=(size, size), mode="area")
     return images.flatten(1), getattr(dataset, "labels").clone().long()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process (0, 1 outside torchrun)."""
-    if _distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.datasets import ImageTensorDataset, default_data_root, load_dataset
-from course_utils.models import SimCLRModel, _atomic_write, checkpoint_dir, resnet, write_checksum
+from course_utils.models import SimCLRModel, atomic_write, checkpoint_dir, resnet, write_checksum
 from course_utils.runtime import get_device, seed_everything
 from course_utils.simclr import (
     export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features, train_simclr,
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"{preset.name}.pt"
         export_checkpoint(state_file, checkpoint, metrics=result)
-        _atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+        atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
         if args.commit:
             write_checksum(checkpoint)
         print(json.dumps(result, indent=2), flush=True)

@@ -1,6 +1,7 @@
 """NT-Xent, distributed equivalence, training, resume and frozen-feature evaluation."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -92,9 +93,9 @@ def test_two_torchrun_processes_equal_one_process_on_the_concatenated_batch(tmp_
     script, result = tmp_path / "worker.py", tmp_path / "result.json"
     script.write_text(WORKER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(result)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env={"OMP_NUM_THREADS": "1",
-                          **__import__("os").environ})
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(result)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     distributed = json.loads(result.read_text())
     torch.manual_seed(0)
