@@ -294,30 +294,39 @@ def _check_features(H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.
 
 def linear_probe(
     H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor,
-    C: float = 1.0, max_iter: int = 1000,
+    C: float = 1.0, max_iter: int = 300,
 ) -> ProbeResult:
-    """Multinomial logistic regression on standardised frozen features (L-BFGS, scikit-learn).
+    """Multinomial logistic regression on standardised frozen features, fitted by full-batch L-BFGS.
+
+    Minimises ``mean cross-entropy + ||W||^2 / (2 C N)`` — scikit-learn's
+    ``LogisticRegression(C=C)`` objective divided by N — in float64 with PyTorch.
 
     Args:
-        H_train [N, r], y_train [N], H_test [M, r], y_test [M]; C: inverse L2 strength.
+        H_train [N, r], y_train [N] int64 labels, H_test [M, r], y_test [M]; C: inverse L2 strength.
     """
-    from sklearn.linear_model import LogisticRegression
-
     _check_features(H_train, y_train, H_test, y_test)
-    mean, std = H_train.mean(0), H_train.std(0).clamp(min=1e-6)
-    fit = LogisticRegression(C=C, max_iter=max_iter)
-    fit.fit(((H_train - mean) / std).numpy(), y_train.numpy())
-    weight = torch.as_tensor(fit.coef_, dtype=torch.float32)
-    bias = torch.as_tensor(fit.intercept_, dtype=torch.float32)
-    classes = torch.as_tensor(fit.classes_)
-    if weight.shape[0] == 1:  # binary: scikit-learn keeps one row
-        weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
-    classifier = nn.Linear(H_train.shape[1], weight.shape[0])
-    with torch.no_grad():
+    classes, targets = torch.unique(y_train, return_inverse=True)
+    mean, std = H_train.double().mean(0), H_train.double().std(0).clamp(min=1e-6)
+    x = (H_train.double() - mean) / std
+    weight = torch.zeros(len(classes), x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-6,
+                                  tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+    penalty = 1.0 / (2 * C * len(x))
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, targets) + penalty * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    classifier = nn.Linear(H_train.shape[1], len(classes))
+    with torch.no_grad():  # fold the standardisation into the layer: it takes raw h
         classifier.weight.copy_(weight / std)
         classifier.bias.copy_(bias - (weight * mean / std).sum(1))
-        predictions = classes[classifier(H_test).argmax(1)]
-        train_predictions = classes[classifier(H_train).argmax(1)]
+        predictions = classes[classifier(H_test.float()).argmax(1)]
+        train_predictions = classes[classifier(H_train.float()).argmax(1)]
     return ProbeResult(
         accuracy=(predictions == y_test).float().mean().item(),
         classifier=classifier,
