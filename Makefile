@@ -23,14 +23,17 @@ run: setup
 	@test -n "$(NOTEBOOKS)" || { echo "no notebooks found in notebooks/"; exit 1; }
 	@for nb in $(NOTEBOOKS); do \
 		start=$$(date +%s); echo "== executing $$nb (full settings)"; \
-		COURSE_QUICK=0 $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING "$$nb" "$$nb" || exit 1; \
+		out=notebooks/.executing-$$(basename $$nb); \
+		COURSE_QUICK=0 $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING "$$nb" "$$out" \
+			|| { echo "   failed: $$nb is unchanged; the run with the error is in $$out"; exit 1; }; \
+		mv "$$out" "$$nb"; \
 		echo "   done in $$(( $$(date +%s) - start )) s"; \
 	done
 
 ## test: unit tests + every notebook executed in quick mode (papermill), then nbval over the committed notebooks
 test: setup
 	COURSE_QUICK=1 $(BIN)/python -m pytest tests
-	COURSE_QUICK=1 $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+	COURSE_QUICK=1 COURSE_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
 
 ## lab: open the course in JupyterLab
 lab: setup

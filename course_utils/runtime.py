@@ -42,6 +42,9 @@ def get_device() -> torch.device:
             raise ValueError(f"COURSE_DEVICE={requested!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"COURSE_DEVICE={requested!r} but PyTorch sees no CUDA GPU here; unset it or use cpu.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"COURSE_DEVICE={requested!r} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                             "use cuda:0 … or unset it.")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"COURSE_DEVICE={requested!r} but MPS is not available here; unset it or use cpu.")
         return device
@@ -90,7 +93,8 @@ def bf16_enabled(device: torch.device | str) -> bool:
         return False
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # Native bf16 only (compute capability >= 8); emulated bf16 on older GPUs is slower than fp32.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return cpu_supports_bf16()
     return False

@@ -12,6 +12,7 @@ one process on the concatenated batch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,9 @@ def train_simclr(
     images = _dataset_images(dataset)
     device = torch.device(device) if device is not None else get_device()
     rank = dist.get_rank() if _distributed() else 0
+    if _distributed() and device.type == "cuda" and device.index is None:  # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     images = images.to(device)
     augment = augment or SimCLRAugment(images.shape[-1])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -179,9 +183,17 @@ def train_simclr(
     total_steps = steps_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, total_steps, warmup_fraction))
+    world = dist.get_world_size() if _distributed() else 1
+    run = {"config": model.config, "seed": seed, "batch_size": batch_size, "world_size": world,
+           "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr, "temperature": temperature}
     history, start_epoch = TrainHistory(), 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
+        stored = state.get("run", {})
+        different = {k: (stored.get(k), v) for k, v in run.items() if stored.get(k) != v}
+        if different:
+            raise ValueError(f"cannot resume from {checkpoint}: it was written by a different run "
+                             f"(stored vs now: {different}); delete it or resume with the same settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -201,33 +213,37 @@ def train_simclr(
                 _, z = net(views)
             z1, z2 = z.float().chunk(2)
             loss = nt_xent(z1, z2, temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"SimCLR loss became {loss.item()} at epoch {epoch}; lower lr "
+            mean_loss = loss.detach().clone()
+            if _distributed():  # every process sees the global mean, so all of them stop together
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            if not torch.isfinite(mean_loss):
+                raise FloatingPointError(f"SimCLR loss became {mean_loss.item()} at epoch {epoch}; lower lr "
                                          f"(now {scheduler.get_last_lr()[0]:.2e}) or raise the temperature")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            last_lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(mean_loss.item())
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{len(losses) * batch_size / elapsed:.0f}")
         seconds = time.perf_counter() - started
         knn = None
-        if knn_data is not None:
+        if knn_data is not None and rank == 0:
             train_feats = extract_features(model.encoder, knn_data[0], device=device, progress=False)
             test_feats = extract_features(model.encoder, knn_data[1], device=device, progress=False)
             knn = knn_accuracy(*train_feats, *test_feats)
-        world = dist.get_world_size() if _distributed() else 1
         history.epoch.append(epoch + 1)
         history.loss.append(float(np.mean(losses)))
-        history.lr.append(float(scheduler.get_last_lr()[0]))
+        history.lr.append(float(last_lr))
         history.pairs_per_s.append(len(losses) * batch_size * world / seconds)
         history.seconds.append(seconds)
         history.knn.append(knn)
         if checkpoint is not None and rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "history": history.as_dict(), "epoch": epoch,
-                     "config": model.config, "metadata": metadata or {}}
+                     "config": model.config, "metadata": metadata or {}, "run": run}
             atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
         if callback is not None:
             callback(epoch + 1, history)
@@ -305,6 +321,7 @@ def linear_probe(
         H_train [N, r], y_train [N] int64 labels, H_test [M, r], y_test [M]; C: inverse L2 strength.
     """
     _check_features(H_train, y_train, H_test, y_test)
+    H_train, y_train, H_test, y_test = H_train.cpu(), y_train.cpu(), H_test.cpu(), y_test.cpu()
     classes, targets = torch.unique(y_train, return_inverse=True)
     mean, std = H_train.double().mean(0), H_train.double().std(0).clamp(min=1e-6)
     x = (H_train.double() - mean) / std
@@ -342,6 +359,7 @@ def knn_accuracy(
     """Weighted k-NN accuracy with cosine similarity: each of the k nearest training samples votes
     for its class with weight exp(sim / temperature) (Wu et al. 2018, as in SimCLR evaluations)."""
     _check_features(H_train, y_train, H_test, y_test)
+    H_train, y_train, H_test, y_test = H_train.cpu(), y_train.cpu(), H_test.cpu(), y_test.cpu()
     k = min(k, len(H_train))
     train = F.normalize(H_train.float(), dim=1)
     n_classes = int(max(y_train.max(), y_test.max())) + 1

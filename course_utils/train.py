@@ -49,8 +49,7 @@ class Preset:
     temperature: float = 0.2
     small_input: bool = True
     augment: dict[str, Any] = field(default_factory=dict)
-    eval_options: dict[str, Any] = field(default_factory=dict)
-    device_hint: str = "cpu"
+    device_hint: str = "cpu"  # the device the preset is sized for
 
 
 NO_COLOUR = {"jitter_p": 0.0, "grayscale_p": 0.0}
@@ -144,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{preset.name}: {preset.description}\ndata: {getattr(data, 'source', repr(data))}\n"
               f"device: {device}, epochs: {epochs}, command: {command}", flush=True)
     model = SimCLRModel(resnet(preset.depth, preset.width, preset.small_input))
-    augment = SimCLRAugment(data.images.shape[-1] if preset.data != "stl10" else 96, **preset.augment)
+    if preset.device_hint == "cuda" and device.type != "cuda" and rank == 0:
+        print(f"warning: {preset.name} is sized for a GPU but runs on {device}; expect hours, or pick a CPU "
+              f"preset ({', '.join(n for n, p in PRESETS.items() if p.device_hint == 'cpu')})", flush=True)
+    augment = SimCLRAugment(data.images.shape[-1], **preset.augment)
     started = time.perf_counter()
 
     def report(epoch: int, history: Any) -> None:

@@ -81,15 +81,15 @@ def shapes_explorer(worlds: Mapping[str, ShapesWorld], count: int = 8) -> widget
     }
     variant = widgets.ToggleButtons(options=list(worlds), description="data set")
     show_masks = widgets.Checkbox(value=True, description="outline masks")
+    summary = widgets.Label()
     output = widgets.Output()
 
     def refresh(_change=None) -> None:
         output.clear_output(wait=True)
+        fig, summary.value = explorer_view(
+            worlds, variant.value, show_masks.value, count, **{k: d.value for k, d in dropdowns.items()}
+        )
         with output:
-            fig, text = explorer_view(
-                worlds, variant.value, show_masks.value, count, **{k: d.value for k, d in dropdowns.items()}
-            )
-            print(text)
             if fig is not None:
                 plt.show()
                 plt.close(fig)
@@ -100,7 +100,7 @@ def shapes_explorer(worlds: Mapping[str, ShapesWorld], count: int = 8) -> widget
     controls = widgets.GridBox(
         list(dropdowns.values()), layout=widgets.Layout(grid_template_columns="repeat(4, 240px)")
     )
-    return widgets.VBox([variant, controls, show_masks, output])
+    return widgets.VBox([variant, controls, show_masks, summary, output])
 
 
 AUGMENT_SLIDERS = {  # name -> (min, max, step, default): the course recipe for 32 px ShapesWorld

@@ -39,6 +39,18 @@ def test_parameters_differ_across_the_batch():
     assert 0.3 < params["flip"].float().mean() < 0.7
 
 
+def test_identical_images_in_a_batch_get_different_views(images):
+    batch = images[:1].repeat(16, 1, 1, 1)
+    views = SimCLRAugment(32)(batch, torch.Generator().manual_seed(0))
+    distinct = {tuple(v.flatten()[::97].tolist()) for v in views}
+    assert len(distinct) == 16
+
+
+def test_uint8_input_is_refused_with_a_hint(images):
+    with pytest.raises(ValueError, match="float"):
+        SimCLRAugment(32)((images * 255).to(torch.uint8))
+
+
 def test_same_generator_gives_the_same_views_and_another_seed_does_not(images):
     augment = SimCLRAugment(32)
     a = augment(images, torch.Generator().manual_seed(5))

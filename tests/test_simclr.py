@@ -136,11 +136,21 @@ def test_interrupt_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tin
     interrupted = _tiny_model()
     with pytest.raises(KeyboardInterrupt):
         train_simclr(interrupted, tiny_world, checkpoint=tmp_path / "b.pt", callback=interrupt, **kwargs)
-    resumed = _tiny_model()
-    history = train_simclr(resumed, tiny_world, checkpoint=tmp_path / "b.pt", resume=True, **kwargs)
-    assert history.epoch == [1, 2]
+    torch.manual_seed(123)  # different initial weights: only the checkpoint can make them equal
+    resumed = SimCLRModel(resnet(10, 8), proj_dim=16)
+    epochs_run = []
+    history = train_simclr(resumed, tiny_world, checkpoint=tmp_path / "b.pt", resume=True,
+                           callback=lambda epoch, h: epochs_run.append(epoch), **kwargs)
+    assert epochs_run == [2] and history.epoch == [1, 2]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_world, tmp_path):
+    kwargs = dict(batch_size=128, temperature=0.2, progress=False, checkpoint=tmp_path / "c.pt")
+    train_simclr(_tiny_model(), tiny_world, epochs=1, **kwargs)
+    with pytest.raises(ValueError, match="different run"):
+        train_simclr(_tiny_model(), tiny_world, epochs=1, resume=True, seed=9, **kwargs)
 
 
 def test_train_simclr_explains_bad_data():

@@ -29,7 +29,9 @@ class SimCLRAugment(nn.Module):
     Defaults are the course recipe for 32 px ShapesWorld (SCIENCE.md §1): crop
     scale 0.35–1 with aspect 3/4–4/3 and reflection padding, flip 0.5, with
     p = 0.8 brightness/contrast/saturation ±0.8 then hue rotation ±180°,
-    grayscale 0.2, no blur below 64 px.
+    grayscale 0.2, no blur.  For other data pass the recipe explicitly (the
+    presets in ``course_utils.train`` do): SimCLR's own uses strengths 0.4/0.1,
+    crop scale 0.08–1 and blur p = 0.5 from 96 px up.
 
     Args:
         size: output side in pixels.
@@ -114,6 +116,9 @@ class SimCLRAugment(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"SimCLRAugment expects images [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"SimCLRAugment expects float images in [0, 1], got {x.dtype}; "
+                             "convert uint8 images with x.float() / 255")
         dtype = x.dtype
         p = {k: v.to(x.device) for k, v in self.sample_parameters(x.shape[0], generator).items()}
         out = self._crop_and_flip(x.float(), p)
