@@ -1,6 +1,7 @@
 """NT-Xent, distributed equivalence, training, resume and frozen-feature evaluation."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -105,6 +106,40 @@ def test_two_torchrun_processes_equal_one_process_on_the_concatenated_batch(tmp_
     loss.backward()
     assert abs(distributed["loss"] - loss.item()) < 1e-5
     assert torch.allclose(torch.tensor(distributed["grad"]), head.weight.grad.flatten(), atol=1e-5)
+
+
+TRAIN_WORKER = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from course_utils.data.shapes import ShapesWorld
+    from course_utils.models import SimCLRModel, resnet
+    from course_utils.simclr import train_simclr
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = SimCLRModel(resnet(10, 4), proj_dim=8)
+    history = train_simclr(model, ShapesWorld(n=256, seed=0), epochs=2, batch_size=32, temperature=0.2,
+                           progress=False, device="cpu", checkpoint=sys.argv[1] + "/state.pt")
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, weights)
+    if dist.get_rank() == 0:
+        same = all(torch.equal(gathered[0], w) for w in gathered)
+        json.dump({"loss": history.loss, "same_weights": same}, open(sys.argv[1] + "/train.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_train_simclr_runs_unchanged_under_torchrun_with_two_processes(tmp_path):
+    script = tmp_path / "train_worker.py"
+    script.write_text(TRAIN_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "train.json").read_text())
+    assert result["same_weights"], "DDP must keep the replicas identical"
+    assert len(result["loss"]) == 2 and all(math.isfinite(loss) for loss in result["loss"])
+    assert (tmp_path / "state.pt").is_file()
 
 
 @pytest.fixture(scope="module")
