@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,14 +91,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_torchrun_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
-    script, result = tmp_path / "worker.py", tmp_path / "result.json"
-    script.write_text(WORKER)
+def _torchrun_two_processes(source: str, script: Path, argument: Path) -> None:
+    """Run ``source`` as a script under ``torchrun --nproc_per_node=2`` (gloo on the CPU)."""
+    script.write_text(source)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(result)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(argument)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_two_torchrun_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    result = tmp_path / "result.json"
+    _torchrun_two_processes(WORKER, tmp_path / "worker.py", result)
     distributed = json.loads(result.read_text())
     torch.manual_seed(0)
     head = torch.nn.Linear(6, 4)
@@ -129,13 +135,7 @@ TRAIN_WORKER = textwrap.dedent("""
 
 
 def test_train_simclr_runs_unchanged_under_torchrun_with_two_processes(tmp_path):
-    script = tmp_path / "train_worker.py"
-    script.write_text(TRAIN_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    _torchrun_two_processes(TRAIN_WORKER, tmp_path / "train_worker.py", tmp_path)
     result = json.loads((tmp_path / "train.json").read_text())
     assert result["same_weights"], "DDP must keep the replicas identical"
     assert len(result["loss"]) == 2 and all(math.isfinite(loss) for loss in result["loss"])
