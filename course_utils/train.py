@@ -29,7 +29,8 @@ from course_utils.data.datasets import ImageTensorDataset, default_data_root, lo
 from course_utils.models import SimCLRModel, atomic_write, checkpoint_dir, resnet, write_checksum
 from course_utils.runtime import get_device, seed_everything
 from course_utils.simclr import (
-    export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features, train_simclr,
+    export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features, supervised_accuracy,
+    train_simclr,
 )
 
 
@@ -114,6 +115,22 @@ def evaluate(model: SimCLRModel, preset: Preset, device: torch.device) -> dict[s
     return metrics
 
 
+def _supervised_reference(preset: Preset, data: Any, args: argparse.Namespace, device: torch.device,
+                          command: str) -> dict[str, Any]:
+    """The supervised upper reference of a preset: same encoder and data, trained on the labels."""
+    train = load_dataset("stl10", split="train") if preset.data == "stl10" else data
+    started = time.perf_counter()
+    encoder = resnet(preset.depth, preset.width, preset.small_input)
+    accuracy = supervised_accuracy(encoder, train, _data(preset, "test"), epochs=args.supervised,
+                                   batch_size=preset.batch_size, lr=preset.lr, seed=args.seed, device=device)
+    result = {"preset": preset.name, "command": command, "supervised_epochs": args.supervised,
+              "train_minutes": round((time.perf_counter() - started) / 60, 2), "supervised_accuracy": accuracy}
+    out = args.out or default_data_root() / "checkpoints"
+    atomic_write(out / f"{preset.name}.supervised.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -122,6 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--commit", action="store_true", help="write into data/checkpoints and register the sha256")
     parser.add_argument("--resume", action="store_true", help="continue from the training-state file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snapshots", type=int, nargs="*", default=[], metavar="EPOCH",
+                        help="also save the encoder after these epochs (<out>/<name>.epochN.pt), for calibration")
+    parser.add_argument("--supervised", type=int, metavar="EPOCHS",
+                        help="instead of SimCLR, train the supervised reference (same encoder, labels, "
+                             "cross-entropy) for EPOCHS and write <out>/<name>.supervised.json")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     epochs = args.epochs or preset.epochs
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = checkpoint_dir() if args.commit else (args.out or default_data_root() / "checkpoints")
     state_file = default_data_root() / "train" / f"{preset.name}.state.pt"
     data = _data(preset, "train")
+    if args.supervised:
+        return _supervised_reference(preset, data, args, device, command)
     if rank == 0:
         print(f"{preset.name}: {preset.description}\ndata: {getattr(data, 'source', repr(data))}\n"
               f"device: {device}, epochs: {epochs}, command: {command}", flush=True)
@@ -149,8 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     augment = SimCLRAugment(data.images.shape[-1], **preset.augment)
     started = time.perf_counter()
 
+    out.mkdir(parents=True, exist_ok=True)
+
     def report(epoch: int, history: Any) -> None:
         if rank == 0:
+            if epoch in args.snapshots:
+                encoder_state = {k: v.detach().cpu() for k, v in model.encoder.state_dict().items()}
+                atomic_write(out / f"{preset.name}.epoch{epoch}.pt", lambda f: torch.save(encoder_state, f))
             knn = f" kNN {history.knn[-1]:.3f}" if history.knn[-1] is not None else ""
             print(f"epoch {epoch}/{epochs} loss {history.loss[-1]:.4f} pairs/s {history.pairs_per_s[-1]:.0f}{knn} "
                   f"elapsed {(time.perf_counter() - started) / 60:.1f} min", flush=True)
@@ -174,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics = evaluate(model, preset, device)
         result = {"preset": preset.name, "command": command, "train_minutes": round(minutes, 2),
                   "device": str(device), "epochs": epochs, **{k: round(v, 4) for k, v in metrics.items()}}
-        out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"{preset.name}.pt"
         export_checkpoint(state_file, checkpoint, metrics=result)
         atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))

@@ -58,7 +58,8 @@ def test_every_mask_is_nonempty_and_object_pixels_differ_from_background(world):
     assert (obj_mean - bg_mean).norm(dim=1).min() > 0.3
 
 
-def test_objects_lie_fully_inside_and_never_overlap_the_distractor(world):
+def test_objects_lie_fully_inside_and_never_overlap_the_distractor():
+    world = ShapesWorld(n=2000, seed=0, distractor_p=0.2)
     m = world.masks
     border = m[:, 0].any(1) | m[:, -1].any(1) | m[:, :, 0].any(1) | m[:, :, -1].any(1)
     assert not border.any()
@@ -66,7 +67,13 @@ def test_objects_lie_fully_inside_and_never_overlap_the_distractor(world):
     has_bar = world.attributes["distractor"] == 1
     assert world.distractor_masks[has_bar].flatten(1).any(1).all()
     assert not world.distractor_masks[~has_bar].any()
-    assert 0.1 < has_bar.float().mean() < 0.3
+    assert 0.15 < has_bar.float().mean() < 0.25
+
+
+def test_default_world_has_no_distractors_unless_asked(world):
+    assert world.attributes["distractor"].sum() == 0 and not world.distractor_masks.any()
+    with pytest.raises(ValueError, match="distractor_p"):
+        ShapesWorld(n=4, distractor_p=1.5)
 
 
 def test_circle_masks_match_the_analytic_disc(world):

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 from course_utils.data.shapes import ShapesWorld
 from course_utils.models import SimCLRModel, resnet
-from course_utils.simclr import extract_features, knn_accuracy, linear_probe, nt_xent, train_simclr
+from course_utils.data.datasets import ImageTensorDataset
+from course_utils.simclr import (
+    extract_features, knn_accuracy, linear_probe, nt_xent, supervised_accuracy, train_simclr,
+)
 
 
 def nt_xent_loop(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -236,3 +239,23 @@ def test_extract_features_gives_one_row_per_image(tiny_world):
     encoder = resnet(10, 8)
     H, y = extract_features(encoder, tiny_world, batch_size=100, progress=False)
     assert H.shape == (512, encoder.out_dim) and H.dtype == torch.float32 and torch.equal(y, tiny_world.labels)
+
+
+def _colour_classes(n: int, seed: int) -> ImageTensorDataset:
+    """Four classes told apart only by the image's tint: an easy supervised task."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    tints = torch.tensor([[0.8, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.2, 0.8], [0.8, 0.8, 0.2]])
+    images = tints[labels][:, :, None, None] + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    images = (images.clamp(0, 1) * 255).to(torch.uint8)
+    return ImageTensorDataset(images, labels, ["red", "green", "blue", "yellow"], name="tints", split=str(seed))
+
+
+def test_supervised_reference_learns_an_easy_task_and_scores_held_out_labels():
+    torch.manual_seed(0)
+    train, test = _colour_classes(512, 0), _colour_classes(256, 1)
+    assert supervised_accuracy(resnet(10, 8), train, test, epochs=3, batch_size=64, device="cpu") > 0.95
+    shuffled = ImageTensorDataset(test.images, test.labels[torch.randperm(256)], test.classes, name="tints",
+                                  split="shuffled")
+    torch.manual_seed(0)
+    assert supervised_accuracy(resnet(10, 8), train, shuffled, epochs=3, batch_size=64, device="cpu") < 0.5

@@ -74,7 +74,7 @@ class Difficulty:
 
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty((6 / 32, 9 / 32), ("solid",), ("plain",), 0.0, 0.0),
-    "default": Difficulty((5 / 32, 8 / 32), ("solid", "striped"), ("plain", "gradient"), 0.02, 0.2),
+    "default": Difficulty((5 / 32, 8 / 32), ("solid", "striped"), ("plain", "gradient"), 0.02, 0.0),
     "hard": Difficulty((3.5 / 32, 6 / 32), TEXTURES, BACKGROUNDS, 0.06, 0.5),
 }
 
@@ -194,6 +194,10 @@ class ShapesWorld(torch.utils.data.Dataset):
             class in the train split (0 = no correlation).  In other splits the
             background colour is uniform.
         difficulty: "easy", "default" or "hard" (see ``DIFFICULTIES``).
+        distractor_p: probability of a distractor bar beside the object; None
+            takes the difficulty's value (0 for "easy" and "default", 0.5 for
+            "hard").  Explanation notebooks set it to test whether a map lands
+            on the bar.
 
     Attributes:
         images: uint8 [N, 3, S, S].
@@ -217,6 +221,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         split: str = "train",
         spurious: float = 0.0,
         difficulty: str = "default",
+        distractor_p: float | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"ShapesWorld needs n >= 1 images, got n={n!r}.")
@@ -228,6 +233,11 @@ class ShapesWorld(torch.utils.data.Dataset):
             raise ValueError(f"spurious is a probability in [0, 1], got {spurious!r}.")
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"Unknown difficulty {difficulty!r}; choose one of {tuple(DIFFICULTIES)}.")
+        if distractor_p is None:
+            distractor_p = DIFFICULTIES[difficulty].distractor_p
+        if not 0.0 <= distractor_p <= 1.0:
+            raise ValueError(f"distractor_p is a probability in [0, 1], got {distractor_p!r}.")
+        self.distractor_p = float(distractor_p)
         self.n, self.size, self.seed, self.split = n, size, seed, split
         self.spurious, self.difficulty = float(spurious), difficulty
         self.classes = list(SHAPES)
@@ -261,7 +271,7 @@ class ShapesWorld(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesWorld(n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r}, "
-            f"spurious={self.spurious}, difficulty={self.difficulty!r})"
+            f"spurious={self.spurious}, difficulty={self.difficulty!r}, distractor_p={self.distractor_p})"
         )
 
     # ------------------------------------------------------------------
@@ -306,7 +316,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         gradient_angle = _uniform(count, g, 0.0, 2 * math.pi)
         texture_phase = _uniform(count, g)
         # Distractor bar: placed so that it never overlaps the object.
-        wants_distractor = _uniform(count, g) < cfg.distractor_p
+        wants_distractor = _uniform(count, g) < self.distractor_p
         bar_half = 0.55 * radius
         candidates = 16
         cand = _uniform(count * candidates * 2, g).view(count, candidates, 2)
