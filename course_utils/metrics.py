@@ -1,0 +1,222 @@
+"""Scores of saliency maps against ground truth and against the model itself.
+
+* against ShapesWorld's masks: ``pointing_game``, ``mask_iou``;
+* against the model's score: ``deletion_auc`` / ``insertion_auc`` (Petsiuk et al. 2018, RISE) and
+  ``average_drop_increase`` (Chattopadhay et al. 2018, Grad-CAM++);
+* a sanity check (Adebayo et al. 2018): ``model_randomisation`` re-initialises the model from the
+  top layer down and measures how much the maps change (a map that does not change does not
+  explain the model);
+* baselines every method must beat: ``random_map``, ``centre_prior``.
+
+Saliency maps are float [B, H, W] (higher = more important); masks are bool [B, H, W].
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+from torch import nn
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] -> scores [N]
+
+
+def _check_maps(saliency: torch.Tensor, masks: torch.Tensor | None = None) -> None:
+    if saliency.ndim != 3:
+        raise ValueError(f"saliency maps must be [B, H, W], got shape {tuple(saliency.shape)}")
+    if not torch.isfinite(saliency).all():
+        raise ValueError("saliency maps contain NaN or inf; check the explanation method's output")
+    if masks is not None:
+        if masks.shape != saliency.shape:
+            raise ValueError(f"masks {tuple(masks.shape)} and saliency {tuple(saliency.shape)} differ in shape; "
+                             "upsample the maps to the image size first")
+        if not masks.flatten(1).any(1).all():
+            raise ValueError("every mask needs at least one pixel (an empty mask has no object to point at)")
+
+
+def pointing_game(saliency: torch.Tensor, masks: torch.Tensor) -> float:
+    """Fraction of images whose most salient pixel lies inside the object mask.
+
+    Ties are broken at random in expectation: an image whose maximum is shared by several pixels
+    counts as the share of them inside the mask, so a constant map scores the mask's area (chance).
+    """
+    _check_maps(saliency, masks)
+    flat, inside = saliency.flatten(1), masks.flatten(1).bool()
+    is_max = flat == flat.max(1, keepdim=True).values
+    hits = (is_max & inside).sum(1).float() / is_max.sum(1).float()
+    return hits.mean().item()
+
+
+def mask_iou(saliency: torch.Tensor, masks: torch.Tensor, top_fraction: float | None = None) -> torch.Tensor:
+    """IoU between the most salient pixels and the mask, per image: float [B].
+
+    The map is binarised by keeping its top-k pixels, k = the mask's area (default) or
+    ``top_fraction`` of the image.
+    """
+    _check_maps(saliency, masks)
+    flat, inside = saliency.flatten(1), masks.flatten(1).bool()
+    n_pixels = flat.shape[1]
+    if top_fraction is not None and not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    ks = (inside.sum(1) if top_fraction is None
+          else torch.full((flat.shape[0],), max(1, round(top_fraction * n_pixels))))
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_pixels).expand_as(order))
+    selected = rank < ks[:, None]
+    return ((selected & inside).sum(1).float() / (selected | inside).sum(1).float())
+
+
+def random_map(batch: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Baseline: i.i.d. uniform noise, float [batch, size, size]."""
+    return torch.rand(batch, size, size, generator=generator)
+
+
+def centre_prior(batch: int, size: int, sigma: float = 0.25) -> torch.Tensor:
+    """Baseline: a Gaussian bump at the image centre (std ``sigma`` of the side), float [batch, size, size]."""
+    coords = (torch.arange(size) + 0.5) / size - 0.5
+    bump = torch.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * sigma**2))
+    return bump.expand(batch, size, size).clone()
+
+
+def _blur(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    radius = int(3 * sigma)
+    taps = torch.exp(-torch.arange(-radius, radius + 1).float() ** 2 / (2 * sigma**2))
+    taps = (taps / taps.sum()).to(images)
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(padded, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(out, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def _baseline_images(images: torch.Tensor, baseline: str | float) -> torch.Tensor:
+    if baseline == "blur":
+        return _blur(images)
+    if baseline == "mean":
+        return images.mean((2, 3), keepdim=True).expand_as(images)
+    if isinstance(baseline, (int, float)):
+        return torch.full_like(images, float(baseline))
+    raise ValueError(f"baseline must be 'blur', 'mean' or a number, got {baseline!r}")
+
+
+def _perturbation_curve(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int,
+                        start: torch.Tensor, end: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Scores while the most salient pixels switch from ``start`` to ``end``: float [B, steps + 1]."""
+    _check_maps(saliency)
+    if images.ndim != 4 or images.shape[0] != saliency.shape[0] or images.shape[-2:] != saliency.shape[-2:]:
+        raise ValueError(f"images {tuple(images.shape)} and saliency {tuple(saliency.shape)} do not match: "
+                         "one [H, W] map per image [3, H, W]")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    n_images, n_pixels = saliency.shape[0], saliency[0].numel()
+    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_pixels).expand_as(order))
+    rank = rank.view_as(saliency).to(images.device)
+    counts = torch.linspace(0, n_pixels, steps + 1).round().long().to(images.device)  # pixels switched per step
+    switched = rank[:, None] < counts[None, :, None, None]  # [B, steps + 1, H, W]
+    mixed = torch.where(switched[:, :, None], end[:, None], start[:, None])  # [B, steps + 1, 3, H, W]
+    flat = mixed.flatten(0, 1)
+    with torch.no_grad():
+        scores = torch.cat([score_fn(flat[i:i + batch_size]).float().flatten() for i in range(0, len(flat), batch_size)])
+    if scores.numel() != n_images * (steps + 1):
+        raise ValueError(f"score_fn must return one score per image, got {scores.numel()} for {len(flat)} images")
+    return scores.view(n_images, steps + 1).cpu()
+
+
+def _auc(curve: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area under curves sampled evenly on [0, 1]: [B, T] -> [B]."""
+    return torch.trapezoid(curve, dx=1.0 / (curve.shape[1] - 1), dim=1)
+
+
+def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
+                 baseline: str | float = 0.0, batch_size: int = 512) -> torch.Tensor:
+    """Area under the score while the most salient pixels are deleted first (lower = better map).
+
+    Args:
+        score_fn: images [N, 3, H, W] -> scores [N] (e.g. the probability of the explained class).
+        images: [B, 3, H, W]; saliency: [B, H, W].
+        steps: the curve has steps + 1 points, from 0 to all pixels deleted; every point of every
+            image is scored in batches of ``batch_size``.
+        baseline: what a deleted pixel becomes: a number (0 = black, RISE), "mean" or "blur".
+    Returns:
+        float [B], in the units of ``score_fn``.
+    """
+    return _auc(_perturbation_curve(score_fn, images, saliency, steps, images,
+                                    _baseline_images(images, baseline), batch_size))
+
+
+def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
+                  baseline: str | float = "blur", batch_size: int = 512) -> torch.Tensor:
+    """Area under the score while the most salient pixels are inserted first into a blurred copy
+    (higher = better map); arguments as ``deletion_auc``."""
+    return _auc(_perturbation_curve(score_fn, images, saliency, steps, _baseline_images(images, baseline),
+                                    images, batch_size))
+
+
+def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor) -> tuple[float, float]:
+    """Average Drop and Increase in Confidence (Grad-CAM++), in percent.
+
+    Each image is masked by its map scaled to [0, 1] (``x * E``); with Y = score(x) and
+    O = score(x * E): drop = mean(max(0, Y - O) / Y) x 100 (lower = better), increase =
+    share of images with O > Y x 100 (higher = better).  Scores must be positive (probabilities).
+    """
+    _check_maps(saliency)
+    lo = saliency.flatten(1).min(1).values[:, None, None]
+    hi = saliency.flatten(1).max(1).values[:, None, None]
+    explanation = ((saliency - lo) / (hi - lo).clamp(min=1e-12)).to(images)
+    with torch.no_grad():
+        full = score_fn(images).float().flatten().cpu()
+        masked = score_fn(images * explanation[:, None]).float().flatten().cpu()
+    if (full <= 0).any():
+        raise ValueError("Average Drop needs positive scores (e.g. softmax probabilities), got a score <= 0")
+    drop = ((full - masked).clamp(min=0) / full).mean().item() * 100
+    increase = (masked > full).float().mean().item() * 100
+    return drop, increase
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row pair (average ranks for ties; 0 where a row is constant)."""
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    denominator = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+    return np.where(denominator > 0, (ra * rb).sum(1) / np.where(denominator > 0, denominator, 1), 0.0)
+
+
+def model_randomisation(
+    explain: Callable[[nn.Module, torch.Tensor], torch.Tensor], model: nn.Module, layers: Sequence[str],
+    x: torch.Tensor, seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Cascading model-parameter randomisation (Adebayo et al. 2018).
+
+    Re-initialises the named modules one after another, in the given order (top layer first),
+    keeping the earlier ones random, and compares the maps with those of the trained model.
+
+    Args:
+        explain: ``explain(model, x) -> maps [B, H, W]``; called on a copy of ``model``.
+        layers: names from ``model.named_modules()``, top (output side) first.
+        x: images [B, 3, H, W].
+    Returns:
+        {"original": Spearman 1 [B], then one entry per layer: Spearman rank correlation [B] of the
+        maps after randomising down to that layer with the original maps}.  A faithful method
+        falls towards 0; a map that stays near 1 ignores the weights.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise ValueError(f"unknown layer names {missing}; choose from named_modules(), e.g. {list(modules)[1:6]}")
+    reference = explain(model, x).flatten(1).detach().cpu().numpy()
+    result = {"original": torch.ones(reference.shape[0])}
+    randomised = copy.deepcopy(model)
+    random_modules = dict(randomised.named_modules())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in layers:
+            for module in random_modules[name].modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            maps = explain(randomised, x).flatten(1).detach().cpu().numpy()
+            result[name] = torch.from_numpy(_spearman_rows(reference, maps)).float()
+    return result

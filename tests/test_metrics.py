@@ -1,0 +1,120 @@
+"""Saliency metrics on hand-built maps and masks whose scores are known."""
+
+import pytest
+import torch
+
+from course_utils.metrics import (
+    average_drop_increase, centre_prior, deletion_auc, insertion_auc, mask_iou, model_randomisation,
+    pointing_game, random_map,
+)
+
+
+def _square_masks() -> torch.Tensor:
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 1:3, 1:3] = True  # top-left 2x2
+    masks[1, 4:8, 4:8] = True  # bottom-right 4x4
+    return masks
+
+
+def test_pointing_game_counts_maxima_inside_the_mask():
+    masks = _square_masks()
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 2, 2] = 1.0  # inside
+    maps[1, 0, 0] = 1.0  # outside
+    assert pointing_game(maps, masks) == pytest.approx(0.5)
+    maps[1, 5, 6] = 2.0
+    assert pointing_game(maps, masks) == pytest.approx(1.0)
+
+
+def test_pointing_game_of_a_constant_map_is_the_mask_area():
+    masks = _square_masks()
+    assert pointing_game(torch.ones(2, 8, 8), masks) == pytest.approx((4 / 64 + 16 / 64) / 2)
+
+
+def test_mask_iou_is_one_for_the_mask_and_zero_for_its_complement():
+    masks = _square_masks()
+    assert torch.allclose(mask_iou(masks.float(), masks), torch.ones(2))
+    assert torch.allclose(mask_iou((~masks).float(), masks), torch.zeros(2))
+    # top 25 % of a map equal to the mask: the 4x4 mask (16 px) inside a 16 px selection is exact
+    iou = mask_iou(masks.float() + 0.01 * torch.arange(64.0).view(8, 8), masks, top_fraction=0.25)
+    assert iou[1] == pytest.approx(1.0)
+    assert iou[0] == pytest.approx(4 / 16)
+
+
+def test_deletion_and_insertion_auc_match_hand_computed_curves():
+    """4x4 image of ones; the score is the mean over a 4-pixel region (a = 1/4).
+    Deleting the region first gives AUC a/2 = 0.125, deleting it last 1 - a/2 = 0.875."""
+    images = torch.ones(1, 3, 4, 4)
+    region = torch.zeros(1, 4, 4, dtype=torch.bool)
+    region[0, 0, :] = True
+
+    def score(x):
+        return x[:, 0][:, region[0]].mean(1)
+
+    good = region.float()
+    bad = (~region).float()
+    assert deletion_auc(score, images, good, steps=16).item() == pytest.approx(0.125)
+    assert deletion_auc(score, images, bad, steps=16).item() == pytest.approx(0.875)
+    assert insertion_auc(score, images, good, steps=16, baseline=0.0).item() == pytest.approx(0.875)
+    assert insertion_auc(score, images, bad, steps=16, baseline=0.0).item() == pytest.approx(0.125)
+
+
+def test_average_drop_and_increase_of_known_maskings():
+    images = torch.ones(2, 3, 8, 8)
+    masks = _square_masks()
+
+    def score_global(x):
+        return x.mean((1, 2, 3))
+
+    drop, increase = average_drop_increase(score_global, images, masks.float())
+    assert drop == pytest.approx(100 * (1 - (4 / 64 + 16 / 64) / 2))
+    assert increase == 0.0
+
+    def score_bright(x):
+        return 2.0 - x.mean((1, 2, 3))  # darker images score higher
+
+    assert average_drop_increase(score_bright, images, masks.float()) == (0.0, 100.0)
+
+
+def test_model_randomisation_separates_a_faithful_map_from_an_edge_detector():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 1, 3, padding=1))
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def gradient_map(m, images):
+        images = images.clone().requires_grad_()
+        m(images).sum().backward()
+        return images.grad.abs().sum(1)
+
+    def edges(m, images):  # ignores the model
+        return (images[..., 1:, :] - images[..., :-1, :]).abs().sum(1)
+
+    trained_weight = model[0].weight.detach().clone()
+    faithful = model_randomisation(gradient_map, model, ["2", "0"], x)
+    blind = model_randomisation(edges, model, ["2", "0"], x)
+    assert list(faithful) == ["original", "2", "0"]
+    assert faithful["0"].mean() < 0.5 and torch.allclose(faithful["original"], torch.ones(3))
+    assert torch.allclose(blind["2"], torch.ones(3)) and torch.allclose(blind["0"], torch.ones(3))
+    assert torch.equal(model[0].weight, trained_weight)  # the model itself is untouched
+    with pytest.raises(ValueError, match="unknown layer"):
+        model_randomisation(gradient_map, model, ["layer9"], x)
+
+
+def test_baselines_have_the_right_shapes_and_the_centre_prior_peaks_at_the_centre():
+    centre = centre_prior(2, 9)
+    assert centre.shape == (2, 9, 9) and centre[0].argmax() == 4 * 9 + 4
+    noise = random_map(3, 8, torch.Generator().manual_seed(0))
+    assert noise.shape == (3, 8, 8) and torch.equal(noise, random_map(3, 8, torch.Generator().manual_seed(0)))
+
+
+def test_metrics_reject_nan_maps_mismatched_shapes_and_empty_masks():
+    masks = _square_masks()
+    with pytest.raises(ValueError, match="NaN"):
+        pointing_game(torch.full((2, 8, 8), float("nan")), masks)
+    with pytest.raises(ValueError, match="differ in shape"):
+        mask_iou(torch.rand(2, 4, 4), masks)
+    with pytest.raises(ValueError, match="at least one pixel"):
+        pointing_game(torch.rand(2, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="do not match"):
+        deletion_auc(lambda x: x.mean((1, 2, 3)), torch.rand(2, 3, 4, 4), torch.rand(2, 8, 8))
