@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] -> scores [N]
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] -> scores [N] or per class [N, C]
 
 
 def _check_maps(saliency: torch.Tensor, masks: torch.Tensor | None = None) -> None:
@@ -38,14 +38,30 @@ def _check_maps(saliency: torch.Tensor, masks: torch.Tensor | None = None) -> No
             raise ValueError("every mask needs at least one pixel (an empty mask has no object to point at)")
 
 
-def pointing_game(saliency: torch.Tensor, masks: torch.Tensor) -> float:
+def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Masks grown by ``radius`` pixels (Euclidean disc): bool [B, H, W] -> bool [B, H, W]."""
+    if radius < 0:
+        raise ValueError(f"the dilation radius must be >= 0 pixels, got {radius}")
+    if radius == 0:
+        return masks.bool()
+    offsets = torch.arange(-radius, radius + 1).float()
+    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).float()[None, None]
+    grown = F.conv2d(masks[:, None].float(), disc, padding=radius)[:, 0]
+    return grown > 0.5
+
+
+def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> float:
     """Fraction of images whose most salient pixel lies inside the object mask.
 
+    Args:
+        saliency: [B, H, W]; masks: bool [B, H, W].
+        tolerance: a hit may also lie within this many pixels of the mask (Zhang et al. 2018 use
+            15 px at ImageNet resolution, about 2 px at 32 px).
     Ties are broken at random in expectation: an image whose maximum is shared by several pixels
     counts as the share of them inside the mask, so a constant map scores the mask's area (chance).
     """
     _check_maps(saliency, masks)
-    flat, inside = saliency.flatten(1), masks.flatten(1).bool()
+    flat, inside = saliency.flatten(1), dilate(masks, tolerance).flatten(1)
     is_max = flat == flat.max(1, keepdim=True).values
     hits = (is_max & inside).sum(1).float() / is_max.sum(1).float()
     return hits.mean().item()
@@ -102,8 +118,23 @@ def _baseline_images(images: torch.Tensor, baseline: str | float) -> torch.Tenso
     raise ValueError(f"baseline must be 'blur', 'mean' or a number, got {baseline!r}")
 
 
+def _scores(score_fn: ScoreFn, images: torch.Tensor, target: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """score_fn over ``images`` in batches: [N], taking column ``target[i]`` of per-class scores [N, C]."""
+    with torch.no_grad():
+        scores = torch.cat([score_fn(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
+    if scores.ndim == 2 and scores.shape[0] == len(images):
+        if target is None:
+            raise ValueError(f"score_fn gives per-class scores {tuple(scores.shape)}; pass target= (one class per row)")
+        return scores.gather(1, target.cpu().long().view(-1, 1)).squeeze(1)
+    if scores.ndim != 1 or scores.shape[0] != len(images):
+        raise ValueError(f"score_fn must return scores [N] or [N, C] for N = {len(images)} images, "
+                         f"got shape {tuple(scores.shape)}")
+    return scores
+
+
 def _perturbation_curve(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int,
-                        start: torch.Tensor, end: torch.Tensor, batch_size: int) -> torch.Tensor:
+                        start: torch.Tensor, end: torch.Tensor, batch_size: int,
+                        target: torch.Tensor | None) -> torch.Tensor:
     """Scores while the most salient pixels switch from ``start`` to ``end``: float [B, steps + 1]."""
     _check_maps(saliency)
     if images.ndim != 4 or images.shape[0] != saliency.shape[0] or images.shape[-2:] != saliency.shape[-2:]:
@@ -118,12 +149,8 @@ def _perturbation_curve(score_fn: ScoreFn, images: torch.Tensor, saliency: torch
     counts = torch.linspace(0, n_pixels, steps + 1).round().long().to(images.device)  # pixels switched per step
     switched = rank[:, None] < counts[None, :, None, None]  # [B, steps + 1, H, W]
     mixed = torch.where(switched[:, :, None], end[:, None], start[:, None])  # [B, steps + 1, 3, H, W]
-    flat = mixed.flatten(0, 1)
-    with torch.no_grad():
-        scores = torch.cat([score_fn(flat[i:i + batch_size]).float().flatten() for i in range(0, len(flat), batch_size)])
-    if scores.numel() != n_images * (steps + 1):
-        raise ValueError(f"score_fn must return one score per image, got {scores.numel()} for {len(flat)} images")
-    return scores.view(n_images, steps + 1).cpu()
+    rows = None if target is None else target.repeat_interleave(steps + 1)
+    return _scores(score_fn, mixed.flatten(0, 1), rows, batch_size).view(n_images, steps + 1)
 
 
 def _auc(curve: torch.Tensor) -> torch.Tensor:
@@ -132,11 +159,13 @@ def _auc(curve: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
-                 baseline: str | float = 0.0, batch_size: int = 512) -> torch.Tensor:
+                 baseline: str | float = 0.0, batch_size: int = 512,
+                 target: torch.Tensor | None = None) -> torch.Tensor:
     """Area under the score while the most salient pixels are deleted first (lower = better map).
 
     Args:
-        score_fn: images [N, 3, H, W] -> scores [N] (e.g. the probability of the explained class).
+        score_fn: images [N, 3, H, W] -> scores [N], or per-class scores [N, C] (e.g. softmax
+            probabilities) with ``target`` [B] naming the explained class of each image.
         images: [B, 3, H, W]; saliency: [B, H, W].
         steps: the curve has steps + 1 points, from 0 to all pixels deleted; every point of every
             image is scored in batches of ``batch_size``.
@@ -145,36 +174,53 @@ def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor
         float [B], in the units of ``score_fn``.
     """
     return _auc(_perturbation_curve(score_fn, images, saliency, steps, images,
-                                    _baseline_images(images, baseline), batch_size))
+                                    _baseline_images(images, baseline), batch_size, target))
 
 
 def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
-                  baseline: str | float = "blur", batch_size: int = 512) -> torch.Tensor:
+                  baseline: str | float = "blur", batch_size: int = 512,
+                  target: torch.Tensor | None = None) -> torch.Tensor:
     """Area under the score while the most salient pixels are inserted first into a blurred copy
     (higher = better map); arguments as ``deletion_auc``."""
     return _auc(_perturbation_curve(score_fn, images, saliency, steps, _baseline_images(images, baseline),
-                                    images, batch_size))
+                                    images, batch_size, target))
 
 
-def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor) -> tuple[float, float]:
+def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor,
+                          target: torch.Tensor | None = None, batch_size: int = 512) -> tuple[float, float]:
     """Average Drop and Increase in Confidence (Grad-CAM++), in percent.
 
     Each image is masked by its map scaled to [0, 1] (``x * E``); with Y = score(x) and
     O = score(x * E): drop = mean(max(0, Y - O) / Y) x 100 (lower = better), increase =
-    share of images with O > Y x 100 (higher = better).  Scores must be positive (probabilities).
+    share of images with O > Y x 100 (higher = better).  Scores must be positive (probabilities);
+    per-class scores [N, C] need ``target`` [B] as in ``deletion_auc``.
     """
     _check_maps(saliency)
     lo = saliency.flatten(1).min(1).values[:, None, None]
     hi = saliency.flatten(1).max(1).values[:, None, None]
     explanation = ((saliency - lo) / (hi - lo).clamp(min=1e-12)).to(images)
-    with torch.no_grad():
-        full = score_fn(images).float().flatten().cpu()
-        masked = score_fn(images * explanation[:, None]).float().flatten().cpu()
+    full = _scores(score_fn, images, target, batch_size)
+    masked = _scores(score_fn, images * explanation[:, None], target, batch_size)
     if (full <= 0).any():
         raise ValueError("Average Drop needs positive scores (e.g. softmax probabilities), got a score <= 0")
     drop = ((full - masked).clamp(min=0) / full).mean().item() * 100
     increase = (masked > full).float().mean().item() * 100
     return drop, increase
+
+
+def saliency_scores(saliency: torch.Tensor, masks: torch.Tensor, images: torch.Tensor | None = None,
+                    score_fn: ScoreFn | None = None, steps: int = 16, tolerance: int = 0,
+                    target: torch.Tensor | None = None) -> dict[str, float]:
+    """The course's table row for one method: pointing game (with ``tolerance`` pixels), mean mask
+    IoU and, given a score function, mean deletion AUC (zero baseline) for maps [B, H, W] against
+    masks [B, H, W]."""
+    row = {"pointing game": pointing_game(saliency, masks, tolerance),
+           "mask IoU": mask_iou(saliency, masks).mean().item()}
+    if score_fn is not None:
+        if images is None:
+            raise ValueError("deletion AUC needs the images the maps explain")
+        row["deletion AUC"] = deletion_auc(score_fn, images, saliency, steps=steps, target=target).mean().item()
+    return row
 
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

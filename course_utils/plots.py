@@ -69,6 +69,54 @@ def image_grid(
     return fig, axes
 
 
+def saliency_grid(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    titles: Sequence[str] | None = None,
+    masks: torch.Tensor | None = None,
+    ncols: int = 8,
+    row_labels: Sequence[str] | None = None,
+    panel_size: float = 1.6,
+    alpha: float = 0.55,
+    cmap: str = "inferno",
+) -> tuple[plt.Figure, np.ndarray]:
+    """Saliency maps over their images, one panel each, with a shared colour bar.
+
+    Each map is scaled to [0, 1] on its own (its maximum is 1), so panels compare *where* a map
+    points, not how strong it is.
+
+    Args:
+        images: [B, 3, H, W] float in [0, 1] or uint8; maps: [B, H, W] (any real values).
+        titles: B strings; masks: bool [B, H, W], drawn as contours (the ground truth).
+        row_labels: one label per row, written left of it (e.g. the method of each row).
+    Returns:
+        (fig, axes) with axes of shape [rows, ncols].
+    """
+    if maps.ndim != 3 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"need one [H, W] map per image: images {tuple(images.shape)}, maps {tuple(maps.shape)}")
+    fig, axes = image_grid(images, titles=titles, masks=masks, ncols=ncols, panel_size=panel_size,
+                           mask_color="cyan")
+    maps = maps.detach().float().cpu()
+    low = maps.flatten(1).min(1).values[:, None, None]
+    high = maps.flatten(1).max(1).values[:, None, None]
+    scaled = ((maps - low) / (high - low).clamp(min=1e-12)).numpy()
+    artist = None
+    for index, ax in enumerate(axes.flat[: maps.shape[0]]):
+        artist = ax.imshow(scaled[index], cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+    if row_labels is not None:
+        if len(row_labels) != axes.shape[0]:
+            raise ValueError(f"got {len(row_labels)} row labels for {axes.shape[0]} rows")
+        for label, ax in zip(row_labels, axes[:, 0]):
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            ax.set_ylabel(label, fontsize=9)
+    fig.colorbar(artist, ax=axes, shrink=0.8, pad=0.01, label="importance (each map scaled to its max)")
+    return fig, axes
+
+
 def figures_dir() -> Path:
     """Where notebooks write their figures: ``COURSE_FIGURES_DIR`` or ``<repo>/figures``."""
     default = Path(__file__).resolve().parents[1] / "figures"

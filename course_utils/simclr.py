@@ -380,34 +380,34 @@ def raw_pixel_features(dataset: Any, size: int | None = None) -> tuple[torch.Ten
     return images.flatten(1), getattr(dataset, "labels").clone().long()
 
 
-def supervised_accuracy(
-    encoder: nn.Module, train: Any, test: Any, epochs: int = 10, batch_size: int = 256, lr: float = 2e-3,
+def train_supervised(
+    encoder: nn.Module, train: Any, epochs: int = 10, batch_size: int = 256, lr: float = 2e-3,
     augment: SimCLRAugment | None = None, seed: int = 0, device: torch.device | str | None = None,
-) -> float:
+    progress: bool = False,
+) -> nn.Sequential:
     """The supervised reference: ``encoder`` + a linear head trained end to end with cross-entropy
-    on ``train``'s labels (AdamW, warm-up + cosine, bf16), scored on ``test``.
+    on ``train``'s labels (AdamW, warm-up + cosine, bf16 where supported).
 
     Args:
         encoder: a fresh encoder (trained in place), output [B, r] with ``.out_dim == r``.
-        train, test: data sets with ``.images`` uint8 [N, 3, H, W] and ``.labels`` int64 [N].
+        train: a data set with ``.images`` uint8 [N, 3, H, W] and ``.labels`` int64 [N].
         augment: view generator for training (default: crop scale 0.5-1 and flip, no colour change).
     Returns:
-        accuracy on ``test`` in [0, 1].
+        ``nn.Sequential(encoder, nn.Linear(r, C))`` in eval mode on ``device``: images -> logits [B, C].
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     images, labels = _dataset_images(train), getattr(train, "labels").long()
     device = torch.device(device) if device is not None else get_device()
-    n_classes = int(labels.max()) + 1
     augment = augment or SimCLRAugment(images.shape[-1], crop_scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
-    net = nn.Sequential(encoder, nn.Linear(encoder.out_dim, n_classes)).to(device)
+    net = nn.Sequential(encoder, nn.Linear(encoder.out_dim, int(labels.max()) + 1)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total_steps = epochs * _epoch_indices(images.shape[0], 0, seed, batch_size).shape[0]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps, 0.03))
     generator = torch.Generator().manual_seed(seed)
     images, labels = images.to(device), labels.to(device)
     net.train()
-    for epoch in range(epochs):
+    for epoch in tqdm(range(epochs), desc="supervised", disable=not progress):
         for index in _epoch_indices(images.shape[0], epoch, seed, batch_size):
             index = index.to(device)
             x = augment(images[index].float().div_(255), generator)
@@ -418,13 +418,27 @@ def supervised_accuracy(
             loss.backward()
             optimizer.step()
             scheduler.step()
-    net.eval()
-    test_images, test_labels = _dataset_images(test), getattr(test, "labels").long()
+    return net.eval()
+
+
+def classification_accuracy(model: nn.Module, dataset: Any, batch_size: int = 512) -> float:
+    """Share of ``dataset`` (``.images`` uint8, ``.labels``) whose argmax logit is the label."""
+    images, labels = _dataset_images(dataset), getattr(dataset, "labels").long()
+    device = next(model.parameters()).device
     correct = 0
     with torch.no_grad():
-        for start in range(0, test_images.shape[0], 512):
-            x = test_images[start:start + 512].to(device).float().div_(255)
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device).float().div_(255)
             with autocast(device):
-                predicted = net(x).argmax(1).cpu()
-            correct += (predicted == test_labels[start:start + 512]).sum().item()
-    return correct / test_images.shape[0]
+                predicted = model(x).argmax(1).cpu()
+            correct += (predicted == labels[start:start + batch_size]).sum().item()
+    return correct / images.shape[0]
+
+
+def supervised_accuracy(
+    encoder: nn.Module, train: Any, test: Any, epochs: int = 10, batch_size: int = 256, lr: float = 2e-3,
+    augment: SimCLRAugment | None = None, seed: int = 0, device: torch.device | str | None = None,
+) -> float:
+    """Test accuracy of ``train_supervised(encoder, train, ...)`` on ``test``, in [0, 1]."""
+    model = train_supervised(encoder, train, epochs, batch_size, lr, augment, seed, device)
+    return classification_accuracy(model, test)

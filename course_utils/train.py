@@ -62,7 +62,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("simclr-shapes-r10-nocolor", "as simclr-shapes-r10 but without colour jitter and grayscale",
            "shapes", {"n": 20_000, "size": 32, "seed": 0}, depth=10, width=32, epochs=25, augment=NO_COLOUR),
     Preset("simclr-fmnist-r10", "Fashion-MNIST 28 px, ResNet-10 width 32, bf16 on CPU (about 15 minutes)",
-           "fashion-mnist", {}, depth=10, width=32, epochs=5, augment={"crop_scale": (0.3, 1.0), **GRAY_IMAGES}),
+           "fashion-mnist", {}, depth=10, width=32, epochs=5, augment={"crop_scale": (0.5, 1.0), **GRAY_IMAGES}),
     Preset("simclr-shapes-r18-gpu", "ShapesWorld 32 px, ResNet-18 width 64 (GPU)",
            "shapes", {"n": 50_000, "size": 32, "seed": 0}, depth=18, width=64, epochs=100, batch_size=512,
            device_hint="cuda"),

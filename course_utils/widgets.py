@@ -4,7 +4,7 @@ control values (``explorer_view`` …), so it can be tested without a browser.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -12,7 +12,7 @@ import torch
 
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.shapes import ShapesWorld
-from course_utils.plots import image_grid
+from course_utils.plots import image_grid, saliency_grid
 
 ANY = "any"
 FILTERABLE = ("shape", "color", "texture", "size", "position", "background", "background_color", "distractor")
@@ -160,3 +160,41 @@ def augmentation_explorer(images: torch.Tensor) -> widgets.Widget:
     controls = widgets.GridBox(
         [*sliders.values(), seed], layout=widgets.Layout(grid_template_columns="repeat(3, 320px)"))
     return widgets.VBox([controls, output])
+
+
+def saliency_explorer(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    explain: Callable[[int, str, str, int], torch.Tensor],
+    targets: Sequence[str],
+    layers: Sequence[str],
+    n_features: int,
+) -> widgets.Widget:
+    """Pick an image, a target, a layer and a feature index; shows the map over the image.
+
+    Args:
+        images: [N, 3, H, W] in [0, 1]; masks: bool [N, H, W] (drawn as the ground-truth outline).
+        explain: ``explain(index, target, layer, feature) -> map [H, W]`` (e.g. a Grad-CAM call).
+        targets, layers: the choices of the two drop-downs; n_features: range of the feature slider.
+    """
+    index = widgets.IntSlider(value=0, min=0, max=images.shape[0] - 1, description="image", continuous_update=False)
+    target = widgets.Dropdown(options=list(targets), description="target")
+    layer = widgets.Dropdown(options=list(layers), value=list(layers)[-1], description="layer")
+    feature_index = widgets.IntSlider(value=0, min=0, max=n_features - 1, description="feature j",
+                                      continuous_update=False)
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            i = index.value
+            saliency = explain(i, target.value, layer.value, feature_index.value)
+            fig, _ = saliency_grid(images[i:i + 1], saliency[None], masks=masks[i:i + 1], ncols=1, panel_size=3.0,
+                                   titles=[f"{target.value} @ {layer.value}"])
+            plt.show()
+            plt.close(fig)
+
+    for control in (index, target, layer, feature_index):
+        control.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HBox([index, target]), widgets.HBox([layer, feature_index]), output])

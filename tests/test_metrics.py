@@ -5,7 +5,7 @@ import torch
 
 from course_utils.metrics import (
     average_drop_increase, centre_prior, deletion_auc, insertion_auc, mask_iou, model_randomisation,
-    pointing_game, random_map,
+    pointing_game, random_map, saliency_scores,
 )
 
 
@@ -24,6 +24,17 @@ def test_pointing_game_counts_maxima_inside_the_mask():
     assert pointing_game(maps, masks) == pytest.approx(0.5)
     maps[1, 5, 6] = 2.0
     assert pointing_game(maps, masks) == pytest.approx(1.0)
+
+
+def test_pointing_game_tolerance_counts_near_misses_within_the_radius():
+    masks = _square_masks()
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 4, 2] = 1.0  # 2 px below the 2x2 square (rows 1-2)
+    maps[1, 1, 1] = 1.0  # 3 px diagonal from the 4x4 square (its corner is at row 4, column 4)
+    assert pointing_game(maps, masks) == 0.0
+    assert pointing_game(maps, masks, tolerance=1) == 0.0
+    assert pointing_game(maps, masks, tolerance=2) == pytest.approx(0.5)
+    assert pointing_game(maps, masks, tolerance=5) == pytest.approx(1.0)
 
 
 def test_pointing_game_of_a_constant_map_is_the_mask_area():
@@ -57,6 +68,23 @@ def test_deletion_and_insertion_auc_match_hand_computed_curves():
     assert deletion_auc(score, images, bad, steps=16).item() == pytest.approx(0.875)
     assert insertion_auc(score, images, good, steps=16, baseline=0.0).item() == pytest.approx(0.875)
     assert insertion_auc(score, images, bad, steps=16, baseline=0.0).item() == pytest.approx(0.125)
+
+
+def test_per_class_scores_follow_each_images_target_across_batch_boundaries():
+    """score_fn gives [N, 2]: column 0 the mean of the image, column 1 its square.  Batches of 5
+    rows cut the 17-point curves of the two images anywhere; each curve must keep its own column."""
+    images = torch.ones(2, 3, 4, 4)
+    maps = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def two_columns(x):
+        mean = x.mean((1, 2, 3))
+        return torch.stack([mean, mean**2], 1)
+
+    auc = deletion_auc(two_columns, images, maps, steps=16, batch_size=5, target=torch.tensor([0, 1]))
+    squares = sum(((16 - k) / 16) ** 2 for k in range(1, 16)) / 16 + 0.5 / 16  # trapezoid of (1 - t)^2
+    assert auc.tolist() == pytest.approx([0.5, squares])
+    with pytest.raises(ValueError, match="pass target"):
+        deletion_auc(two_columns, images, maps, steps=16)
 
 
 def test_average_drop_and_increase_of_known_maskings():
@@ -118,3 +146,16 @@ def test_metrics_reject_nan_maps_mismatched_shapes_and_empty_masks():
         pointing_game(torch.rand(2, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="do not match"):
         deletion_auc(lambda x: x.mean((1, 2, 3)), torch.rand(2, 3, 4, 4), torch.rand(2, 8, 8))
+
+
+def test_saliency_scores_collects_the_table_row_of_one_method():
+    masks = _square_masks()
+    maps = masks.float()
+    images = torch.ones(2, 3, 8, 8)
+    row = saliency_scores(maps, masks, images, score_fn=lambda x: x.mean((1, 2, 3)), steps=64)
+    assert row["pointing game"] == 1.0 and row["mask IoU"] == pytest.approx(1.0)
+    # deleting the 4 (16) mask pixels first out of 64: the curve falls linearly to 0 at the end
+    assert row["deletion AUC"] == pytest.approx(0.5, abs=1e-6)
+    assert set(saliency_scores(maps, masks)) == {"pointing game", "mask IoU"}
+    with pytest.raises(ValueError, match="needs the images"):
+        saliency_scores(maps, masks, score_fn=lambda x: x.mean((1, 2, 3)))

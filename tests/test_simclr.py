@@ -248,7 +248,7 @@ def _colour_classes(n: int, seed: int) -> ImageTensorDataset:
     tints = torch.tensor([[0.8, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.2, 0.8], [0.8, 0.8, 0.2]])
     images = tints[labels][:, :, None, None] + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
     images = (images.clamp(0, 1) * 255).to(torch.uint8)
-    return ImageTensorDataset(images, labels, ["red", "green", "blue", "yellow"], name="tints", split=str(seed))
+    return ImageTensorDataset(images, labels, ["red", "green", "blue", "yellow"], name="tints", split=str(seed), source="test")
 
 
 def test_supervised_reference_learns_an_easy_task_and_scores_held_out_labels():
@@ -256,6 +256,6 @@ def test_supervised_reference_learns_an_easy_task_and_scores_held_out_labels():
     train, test = _colour_classes(512, 0), _colour_classes(256, 1)
     assert supervised_accuracy(resnet(10, 8), train, test, epochs=3, batch_size=64, device="cpu") > 0.95
     shuffled = ImageTensorDataset(test.images, test.labels[torch.randperm(256)], test.classes, name="tints",
-                                  split="shuffled")
+                                  split="shuffled", source="test")
     torch.manual_seed(0)
     assert supervised_accuracy(resnet(10, 8), train, shuffled, epochs=3, batch_size=64, device="cpu") < 0.5

@@ -37,6 +37,15 @@ def _projection(output: Any) -> torch.Tensor:
     return output[1] if isinstance(output, (tuple, list)) else output
 
 
+def _column(values: torch.Tensor, index: int | torch.Tensor, what: str) -> torch.Tensor:
+    """values[:, index] for one index, or values[i, index[i]] for a LongTensor [B] of indices: [B]."""
+    if isinstance(index, torch.Tensor):
+        return values.gather(1, index.to(values.device).long().view(-1, 1)).squeeze(1)
+    if not 0 <= index < values.shape[1]:
+        raise ValueError(f"{what} {index} is out of range for {values.shape[1]} {what}s")
+    return values[:, index]
+
+
 class class_score:  # noqa: N801 - lower-case like captum's target arguments: gradcam(..., class_score(3))
     """``y = output[:, c]``: a class logit (of a classifier or a linear probe on frozen h).
 
@@ -51,11 +60,7 @@ class class_score:  # noqa: N801 - lower-case like captum's target arguments: gr
         logits = _representation(output)
         if logits.ndim != 2:
             raise ValueError(f"class_score needs logits [B, C], got shape {tuple(logits.shape)}")
-        if isinstance(self.c, torch.Tensor):
-            return logits.gather(1, self.c.to(logits.device).long().view(-1, 1)).squeeze(1)
-        if not 0 <= self.c < logits.shape[1]:
-            raise ValueError(f"class {self.c} is out of range for {logits.shape[1]} classes")
-        return logits[:, self.c]
+        return _column(logits, self.c, "class")
 
 
 class feature:  # noqa: N801
@@ -65,12 +70,7 @@ class feature:  # noqa: N801
         self.j = j
 
     def __call__(self, output: Any) -> torch.Tensor:
-        h = _representation(output)
-        if isinstance(self.j, torch.Tensor):
-            return h.gather(1, self.j.to(h.device).long().view(-1, 1)).squeeze(1)
-        if not 0 <= self.j < h.shape[1]:
-            raise ValueError(f"feature {self.j} is out of range for a representation of size {h.shape[1]}")
-        return h[:, self.j]
+        return _column(_representation(output), self.j, "feature")
 
 
 class cosine_to:  # noqa: N801
