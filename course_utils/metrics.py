@@ -44,7 +44,7 @@ def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
         raise ValueError(f"the dilation radius must be >= 0 pixels, got {radius}")
     if radius == 0:
         return masks.bool()
-    offsets = torch.arange(-radius, radius + 1).float()
+    offsets = torch.arange(-radius, radius + 1, device=masks.device).float()
     disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).float()[None, None]
     grown = F.conv2d(masks[:, None].float(), disc, padding=radius)[:, 0]
     return grown > 0.5
@@ -67,11 +67,24 @@ def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 
     return hits.mean().item()
 
 
+def _ranks(saliency: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Rank of every pixel, 0 = most salient, ties broken at random (fixed seed): long [B, H*W].
+
+    Grad-CAM maps are exactly zero over large regions; breaking those ties in raster order would
+    favour objects near the top-left corner."""
+    flat = saliency.flatten(1)
+    n_pixels = flat.shape[1]
+    shuffle = torch.randperm(n_pixels, generator=torch.Generator().manual_seed(seed)).to(flat.device)
+    order = shuffle[flat[:, shuffle].argsort(dim=1, descending=True, stable=True)]
+    positions = torch.arange(n_pixels, device=flat.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
 def mask_iou(saliency: torch.Tensor, masks: torch.Tensor, top_fraction: float | None = None) -> torch.Tensor:
     """IoU between the most salient pixels and the mask, per image: float [B].
 
     The map is binarised by keeping its top-k pixels, k = the mask's area (default) or
-    ``top_fraction`` of the image.
+    ``top_fraction`` of the image; ties are broken at random (fixed seed).
     """
     _check_maps(saliency, masks)
     flat, inside = saliency.flatten(1), masks.flatten(1).bool()
@@ -80,9 +93,7 @@ def mask_iou(saliency: torch.Tensor, masks: torch.Tensor, top_fraction: float | 
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
     ks = (inside.sum(1) if top_fraction is None
           else torch.full((flat.shape[0],), max(1, round(top_fraction * n_pixels))))
-    order = flat.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_pixels).expand_as(order))
-    selected = rank < ks[:, None]
+    selected = _ranks(saliency) < ks[:, None].to(flat.device)
     return ((selected & inside).sum(1).float() / (selected | inside).sum(1).float())
 
 
@@ -143,9 +154,7 @@ def _perturbation_curve(score_fn: ScoreFn, images: torch.Tensor, saliency: torch
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     n_images, n_pixels = saliency.shape[0], saliency[0].numel()
-    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_pixels).expand_as(order))
-    rank = rank.view_as(saliency).to(images.device)
+    rank = _ranks(saliency).view_as(saliency).to(images.device)
     counts = torch.linspace(0, n_pixels, steps + 1).round().long().to(images.device)  # pixels switched per step
     switched = rank[:, None] < counts[None, :, None, None]  # [B, steps + 1, H, W]
     mixed = torch.where(switched[:, :, None], end[:, None], start[:, None])  # [B, steps + 1, 3, H, W]

@@ -425,6 +425,8 @@ def classification_accuracy(model: nn.Module, dataset: Any, batch_size: int = 51
     """Share of ``dataset`` (``.images`` uint8, ``.labels``) whose argmax logit is the label."""
     images, labels = _dataset_images(dataset), getattr(dataset, "labels").long()
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     correct = 0
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
@@ -432,6 +434,7 @@ def classification_accuracy(model: nn.Module, dataset: Any, batch_size: int = 51
             with autocast(device):
                 predicted = model(x).argmax(1).cpu()
             correct += (predicted == labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
     return correct / images.shape[0]
 
 

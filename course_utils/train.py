@@ -115,7 +115,7 @@ def evaluate(model: SimCLRModel, preset: Preset, device: torch.device) -> dict[s
     return metrics
 
 
-def _supervised_reference(preset: Preset, data: Any, args: argparse.Namespace, device: torch.device,
+def _supervised_reference(preset: Preset, data: Any, args: argparse.Namespace, out: Path, device: torch.device,
                           command: str) -> dict[str, Any]:
     """The supervised upper reference of a preset: same encoder and data, trained on the labels."""
     train = load_dataset("stl10", split="train") if preset.data == "stl10" else data
@@ -125,7 +125,6 @@ def _supervised_reference(preset: Preset, data: Any, args: argparse.Namespace, d
                                    batch_size=preset.batch_size, lr=preset.lr, seed=args.seed, device=device)
     result = {"preset": preset.name, "command": command, "supervised_epochs": args.supervised,
               "train_minutes": round((time.perf_counter() - started) / 60, 2), "supervised_accuracy": accuracy}
-    out = args.out or default_data_root() / "checkpoints"
     atomic_write(out / f"{preset.name}.supervised.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(json.dumps(result, indent=2), flush=True)
     return result
@@ -161,8 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = checkpoint_dir() if args.commit else (args.out or default_data_root() / "checkpoints")
     state_file = default_data_root() / "train" / f"{preset.name}.state.pt"
     data = _data(preset, "train")
-    if args.supervised:
-        return _supervised_reference(preset, data, args, device, command)
+    if args.supervised is not None:
+        if args.supervised < 1 or distributed:
+            parser.error("--supervised needs EPOCHS >= 1 and a single process (it does not use torchrun)")
+        return _supervised_reference(preset, data, args, out, device, command)
     if rank == 0:
         print(f"{preset.name}: {preset.description}\ndata: {getattr(data, 'source', repr(data))}\n"
               f"device: {device}, epochs: {epochs}, command: {command}", flush=True)

@@ -116,6 +116,13 @@ def test_contrastive_target_is_minus_nt_xent_of_the_view_pair(simclr_model, imag
     assert maps.shape == (4, 32, 32) and torch.isfinite(maps).all() and maps.abs().max() > 0
 
 
+def test_contrastive_target_refuses_a_single_image(simclr_model, images):
+    with pytest.raises(ValueError, match="at least 2 images"):
+        gradcam(simclr_model, simclr_model.encoder.layer3, images[:1], contrastive(images[1:2]))
+    with pytest.raises(ValueError, match="indices must lie in"):
+        gradcam(simclr_model, simclr_model.encoder.layer3, images, feature(torch.tensor([0, 1, 2, 999])))
+
+
 def test_feature_target_reads_h_of_a_simclr_model(simclr_model, images):
     layer = simclr_model.encoder.layer4
     through_model = gradcam(simclr_model, layer, images, feature(5))

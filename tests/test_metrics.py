@@ -150,12 +150,30 @@ def test_metrics_reject_nan_maps_mismatched_shapes_and_empty_masks():
 
 def test_saliency_scores_collects_the_table_row_of_one_method():
     masks = _square_masks()
-    maps = masks.float()
     images = torch.ones(2, 3, 8, 8)
-    row = saliency_scores(maps, masks, images, score_fn=lambda x: x.mean((1, 2, 3)), steps=64)
+
+    def object_score(x):  # column c: mean over object c; image c is scored on its own object
+        return torch.stack([(x[:, 0] * m).sum((1, 2)) / m.sum() for m in masks], 1)
+
+    objects = torch.tensor([0, 1])
+    row = saliency_scores(masks.float(), masks, images, score_fn=object_score, steps=64, target=objects)
     assert row["pointing game"] == 1.0 and row["mask IoU"] == pytest.approx(1.0)
-    # deleting the 4 (16) mask pixels first out of 64: the curve falls linearly to 0 at the end
-    assert row["deletion AUC"] == pytest.approx(0.5, abs=1e-6)
-    assert set(saliency_scores(maps, masks)) == {"pointing game", "mask IoU"}
+    # the curve falls to 0 after area/64 of the steps: AUC = area / 128 (4 and 16 pixels)
+    assert row["deletion AUC"] == pytest.approx((4 / 128 + 16 / 128) / 2, abs=1e-6)
+    reversed_row = saliency_scores((~masks).float(), masks, images, score_fn=object_score, steps=64, target=objects)
+    assert reversed_row["deletion AUC"] > 0.8 and reversed_row["pointing game"] == 0.0
+    assert set(saliency_scores(masks.float(), masks)) == {"pointing game", "mask IoU"}
     with pytest.raises(ValueError, match="needs the images"):
-        saliency_scores(maps, masks, score_fn=lambda x: x.mean((1, 2, 3)))
+        saliency_scores(masks.float(), masks, score_fn=object_score, target=objects)
+
+
+def test_mask_iou_breaks_ties_at_random_not_in_raster_order():
+    """One salient pixel inside a 4x4 object, zeros elsewhere: the other 15 selected pixels are a
+    random draw among the 63 zeros, so the IoU is near its expectation, not a corner artefact."""
+    masks = torch.zeros(200, 8, 8, dtype=torch.bool)
+    masks[:, :4, :4] = True  # top-left object: raster order would fill the selection from it
+    maps = torch.zeros(200, 8, 8)
+    maps[:, 1, 1] = 1.0
+    iou = mask_iou(maps, masks)
+    # raster order would pick rows 0-1 (7 of them inside the object) -> IoU 8/24
+    assert iou.mean().item() < 0.3

@@ -40,6 +40,8 @@ def _projection(output: Any) -> torch.Tensor:
 def _column(values: torch.Tensor, index: int | torch.Tensor, what: str) -> torch.Tensor:
     """values[:, index] for one index, or values[i, index[i]] for a LongTensor [B] of indices: [B]."""
     if isinstance(index, torch.Tensor):
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < values.shape[1]:
+            raise ValueError(f"{what} indices must lie in [0, {values.shape[1]}), got {index.tolist()}")
         return values.gather(1, index.to(values.device).long().view(-1, 1)).squeeze(1)
     if not 0 <= index < values.shape[1]:
         raise ValueError(f"{what} {index} is out of range for {values.shape[1]} {what}s")
@@ -103,8 +105,10 @@ class contrastive:  # noqa: N801
     """``y_i = -NT-Xent`` of anchor i: its view x_i against its partner view ``x_other[i]``.
 
     The partner views and the negatives (every other image's two views) are embedded without
-    gradient, so ``y_i`` depends on image i alone and the map shows which regions of x_i make it
-    agree with its partner rather than with the other images.  Needs a ``SimCLRModel`` (it uses z).
+    gradient, so the gradient of ``y_i`` flows through image i alone and the map shows which regions
+    of x_i make it agree with its partner rather than with the other images.  The negatives are the
+    rest of the batch, so a map depends on which images share it: explain an image inside a batch
+    of at least 2 (e.g. 32) images.  Needs a ``SimCLRModel`` (it uses z).
 
     Args:
         x_other: [B, 3, H, W] the second view of each image.
@@ -126,6 +130,9 @@ class contrastive:  # noqa: N801
         if self.z_other is None:
             raise RuntimeError("contrastive target used before prepare(model); call it through gradcam")
         z = F.normalize(_projection(output).float(), dim=1)
+        if z.shape[0] < 2:
+            raise ValueError("the contrastive target needs a batch of at least 2 images: with one image there "
+                             "are no negatives and the score is constant (a zero map); explain it inside a batch")
         if z.shape != self.z_other.shape:
             raise ValueError(f"x_other gives embeddings {tuple(self.z_other.shape)} but x gives {tuple(z.shape)}; "
                              "pass one partner view per image")
