@@ -269,18 +269,26 @@ def extract_features(
     Returns:
         (H float32 [N, r] on the CPU, y int64 [N]).
     """
-    images = _dataset_images(dataset)
-    labels = getattr(dataset, "labels")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval().to(device)
-    features = []
-    for start in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress, leave=False):
-        x = images[start:start + batch_size].to(device).float().div_(255)
-        with autocast(device):
-            features.append(encoder(x).float().cpu())
-    encoder.train(was_training)
-    return torch.cat(features), labels.clone().long()
+    features = _forward_batches(encoder, _dataset_images(dataset), batch_size, device, "features" if progress else None)
+    return features, getattr(dataset, "labels").clone().long()
+
+
+def _forward_batches(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+                     progress: str | None = None) -> torch.Tensor:
+    """``model`` in eval mode (restored afterwards) over uint8 images [N, 3, H, W] in batches, under
+    autocast: float32 outputs [N, ...] on the CPU.  ``progress`` names a tqdm bar (None: no bar)."""
+    was_training = model.training
+    model.eval().to(device)
+    outputs = []
+    with torch.no_grad():
+        for start in tqdm(range(0, images.shape[0], batch_size), desc=progress, disable=progress is None,
+                          leave=False):
+            x = images[start:start + batch_size].to(device).float().div_(255)
+            with autocast(device):
+                outputs.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs)
 
 
 @dataclass
@@ -423,19 +431,8 @@ def train_supervised(
 
 def classification_accuracy(model: nn.Module, dataset: Any, batch_size: int = 512) -> float:
     """Share of ``dataset`` (``.images`` uint8, ``.labels``) whose argmax logit is the label."""
-    images, labels = _dataset_images(dataset), getattr(dataset, "labels").long()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device).float().div_(255)
-            with autocast(device):
-                predicted = model(x).argmax(1).cpu()
-            correct += (predicted == labels[start:start + batch_size]).sum().item()
-    model.train(was_training)
-    return correct / images.shape[0]
+    logits = _forward_batches(model, _dataset_images(dataset), batch_size, next(model.parameters()).device)
+    return (logits.argmax(1) == getattr(dataset, "labels").long()).float().mean().item()
 
 
 def supervised_accuracy(
