@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from course_utils.data import shapes
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.shapes import ShapesWorld
-from course_utils.models import SimCLRModel, atomic_write, resnet
-from course_utils.runtime import environment_report, format_report, quick_mode
+from course_utils.explain.qscore import qscore
+from course_utils.explain.relax import relax, relax_masks
+from course_utils.models import SimCLRModel, atomic_write, load_pretrained, resnet
+from course_utils.runtime import autocast, environment_report, format_report, get_device, quick_mode
 from course_utils.simclr import nt_xent, train_simclr
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results.json"
@@ -180,10 +183,79 @@ def bench_training(quick: bool) -> list[BenchRow]:
     ]
 
 
+def bench_relax(quick: bool) -> list[BenchRow]:
+    """RELAX masks/s on the committed encoder: vs plain batched forwards of the same masked images
+    (the bookkeeping must be nearly free) and vs the reference code's one forward per mask.
+
+    All three run under the same autocast on the same device, so only batching and bookkeeping differ.
+    """
+    device = get_device()
+    encoder = load_pretrained("simclr-shapes-r10").encoder.to(device).eval()
+    image = ShapesWorld(n=1, seed=0, split="test").images[0].float().div(255).to(device)
+    num_masks, loop_masks, batch_size = (500, 50, 100) if quick else (3000, 300, 100)
+    generator = torch.Generator().manual_seed(0)
+    course = _best_of(2, lambda: relax(encoder, image, num_masks, batch_size, generator=generator, progress=False))
+    masked = (image * relax_masks(num_masks, 32, generator=generator, device=device)[:, None]).split(batch_size)
+    masks = relax_masks(loop_masks, 32, generator=generator, device=device)
+
+    def plain_forwards() -> None:
+        with torch.no_grad(), autocast(device):
+            for batch in masked:
+                encoder(batch)
+        _synchronise(device)
+
+    def one_forward_per_mask() -> None:
+        with torch.no_grad(), autocast(device):
+            h = encoder(image[None]).float()
+            for mask in masks:
+                F.cosine_similarity(h, encoder((image * mask)[None]).float()).item()
+
+    plain = _best_of(2, plain_forwards)
+    loop = _best_of(1, one_forward_per_mask)
+    workload = f"ResNet-10 w32, 32 px, {num_masks} masks, batches of {batch_size}, {device.type}"
+    return [
+        BenchRow("RELAX (vs plain batched forwards)", workload, "masks/s", num_masks / course, num_masks / plain,
+                 ">= 0.8x"),
+        BenchRow("RELAX (vs one forward per mask)", workload + f"; loop over {loop_masks} masks", "masks/s",
+                 num_masks / course, loop_masks / loop, ">= 3x CPU, >= 20x GPU"),
+    ]
+
+
+def bench_qscore(quick: bool) -> BenchRow:
+    """Q-Score of N x 512 ReLU-like features: the vectorised ``qscore`` vs a per-sample loop (numpy)."""
+    import numpy as np
+
+    n, r, loop_n = (20_000, 512, 500) if quick else (100_000, 512, 2_000)
+    generator = torch.Generator().manual_seed(0)
+    H = torch.relu(torch.randn(n, r, generator=generator)) ** 2
+    seconds = _best_of(2, lambda: qscore(H, eps=2.0))
+    rows = H[:loop_n].numpy().astype(np.float64)
+    frequency = qscore(H, eps=2.0).frequency.numpy()
+    discriminative = set(np.flatnonzero(qscore(H, eps=2.0).discriminative.numpy()))
+
+    def per_sample() -> None:
+        for row in rows:  # the sets L_i, then Q_i, one sample at a time
+            x = row / np.linalg.norm(row)
+            mu, sigma = x.mean(), x.std()
+            chosen = [j for j in np.flatnonzero(x > mu + 2.0 * sigma) if j in discriminative and frequency[j] > 0]
+            float(np.mean(x[chosen] - mu)) if chosen else 0.0
+
+    naive = _best_of(1, per_sample)
+    return BenchRow("Q-Score", f"N = {n:,} x r = {r} ({seconds:.2f} s; target < 1 s for 100,000)", "samples/s",
+                    n / seconds, loop_n / naive, "100k x 512 in < 1 s")
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 BENCHMARKS: dict[str, Callable[[bool], BenchRow | list[BenchRow]]] = {
     "shapes": bench_shapes,
     "augment": bench_augment,
     "training": bench_training,
+    "relax": bench_relax,
+    "qscore": bench_qscore,
 }
 
 

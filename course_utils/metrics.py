@@ -6,7 +6,9 @@
 * a sanity check (Adebayo et al. 2018): ``model_randomisation`` re-initialises the model from the
   top layer down and measures how much the maps change (a map that does not change does not
   explain the model);
-* baselines every method must beat: ``random_map``, ``centre_prior``.
+* baselines every method must beat: ``random_map``, ``centre_prior``;
+* scores that predict a binary outcome (e.g. Q-Score predicting a correct classification): ``auroc``,
+  ``auprc`` and ``bootstrap_interval`` for their confidence intervals.
 
 Saliency maps are float [B, H, W] (higher = more important); masks are bool [B, H, W].
 """
@@ -119,7 +121,9 @@ def _blur(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
     return F.conv2d(out, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
-def _baseline_images(images: torch.Tensor, baseline: str | float) -> torch.Tensor:
+def baseline_images(images: torch.Tensor, baseline: str | float) -> torch.Tensor:
+    """What removed pixels are replaced with: ``"blur"`` (Gaussian blur, sigma 5 px), ``"mean"`` (each
+    image's mean colour) or a number (e.g. 0, black); images [B, 3, H, W] -> same shape."""
     if baseline == "blur":
         return _blur(images)
     if baseline == "mean":
@@ -183,7 +187,7 @@ def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor
         float [B], in the units of ``score_fn``.
     """
     return _auc(_perturbation_curve(score_fn, images, saliency, steps, images,
-                                    _baseline_images(images, baseline), batch_size, target))
+                                    baseline_images(images, baseline), batch_size, target))
 
 
 def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
@@ -191,7 +195,7 @@ def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tenso
                   target: torch.Tensor | None = None) -> torch.Tensor:
     """Area under the score while the most salient pixels are inserted first into a blurred copy
     (higher = better map); arguments as ``deletion_auc``."""
-    return _auc(_perturbation_curve(score_fn, images, saliency, steps, _baseline_images(images, baseline),
+    return _auc(_perturbation_curve(score_fn, images, saliency, steps, baseline_images(images, baseline),
                                     images, batch_size, target))
 
 
@@ -275,3 +279,51 @@ def model_randomisation(
             maps = explain(randomised, x).flatten(1).detach().cpu().numpy()
             result[name] = torch.from_numpy(_spearman_rows(reference, maps)).float()
     return result
+
+
+def _binary_outcome(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels and scores must have the same length, got {labels.shape} and {scores.shape}")
+    if labels.all() or not labels.any():
+        raise ValueError("AUROC/AUPRC need both outcomes among the labels (some True, some False)")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf values")
+    return labels, scores
+
+
+def auroc(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` predicting ``labels`` (bool [N]); 0.5 = chance."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(*_binary_outcome(labels, scores)))
+
+
+def auprc(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> float:
+    """Area under the precision-recall curve (average precision); chance = the share of positives."""
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(*_binary_outcome(labels, scores)))
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray, np.ndarray], float], labels: torch.Tensor | np.ndarray,
+                       scores: torch.Tensor | np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """``statistic(labels, scores)`` and its percentile bootstrap interval: (value, low, high).
+
+    Samples are resampled with replacement ``n_boot`` times; resamples with a single outcome are
+    redrawn.  Example: ``bootstrap_interval(auroc, correct, q)``.
+    """
+    labels, scores = _binary_outcome(labels, scores)
+    if n_boot < 10 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 10 and 0 < level < 1, got {n_boot} and {level}")
+    rng = np.random.default_rng(seed)
+    values = []
+    while len(values) < n_boot:
+        index = rng.integers(0, len(labels), len(labels))
+        if labels[index].all() or not labels[index].any():
+            continue
+        values.append(statistic(labels[index], scores[index]))
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return statistic(labels, scores), float(low), float(high)

@@ -34,6 +34,7 @@ def image_grid(
     panel_size: float = 1.8,
     title_width: int = 22,
     mask_color: str = "white",
+    row_labels: Sequence[str] | None = None,
 ) -> tuple[plt.Figure, np.ndarray]:
     """A grid of images with optional titles (wrapped) and mask contours.
 
@@ -41,6 +42,7 @@ def image_grid(
         images: [B, 3, H, W] float in [0, 1] or uint8.
         titles: B strings (e.g. captions or class names).
         masks: bool [B, H, W]; the outline of each mask is drawn on its image.
+        row_labels: one label per row, written left of it.
     Returns:
         (fig, axes) with axes of shape [rows, ncols].
     """
@@ -65,8 +67,23 @@ def image_grid(
             ax.contour(masks[index].cpu().float().numpy(), levels=[0.5], colors=mask_color, linewidths=1.0)
         if titles is not None:
             ax.set_title("\n".join(textwrap.wrap(titles[index], wrap)), fontsize=8)
+    if row_labels is not None:
+        _label_rows(axes, row_labels)
     fig.tight_layout()
     return fig, axes
+
+
+def _label_rows(axes: np.ndarray, row_labels: Sequence[str]) -> None:
+    """Write one label left of each row of an [rows, cols] axes grid."""
+    if len(row_labels) != axes.shape[0]:
+        raise ValueError(f"got {len(row_labels)} row labels for {axes.shape[0]} rows")
+    for label, ax in zip(row_labels, axes[:, 0]):
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(label, fontsize=9)
 
 
 def saliency_grid(
@@ -79,6 +96,7 @@ def saliency_grid(
     panel_size: float = 1.6,
     alpha: float = 0.55,
     cmap: str = "inferno",
+    colorbar_label: str = "importance (each map scaled to its max)",
 ) -> tuple[plt.Figure, np.ndarray]:
     """Saliency maps over their images, one panel each, with a shared colour bar.
 
@@ -89,13 +107,14 @@ def saliency_grid(
         images: [B, 3, H, W] float in [0, 1] or uint8; maps: [B, H, W] (any real values).
         titles: B strings; masks: bool [B, H, W], drawn as contours (the ground truth).
         row_labels: one label per row, written left of it (e.g. the method of each row).
+        colorbar_label: what the maps show (e.g. "importance and uncertainty, each scaled to its max").
     Returns:
         (fig, axes) with axes of shape [rows, ncols].
     """
     if maps.ndim != 3 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"need one [H, W] map per image: images {tuple(images.shape)}, maps {tuple(maps.shape)}")
     fig, axes = image_grid(images, titles=titles, masks=masks, ncols=ncols, panel_size=panel_size,
-                           mask_color="cyan")
+                           mask_color="cyan", row_labels=row_labels)
     maps = maps.detach().float().cpu()
     low = maps.flatten(1).min(1).values[:, None, None]
     high = maps.flatten(1).max(1).values[:, None, None]
@@ -103,18 +122,31 @@ def saliency_grid(
     artist = None
     for index, ax in enumerate(axes.flat[: maps.shape[0]]):
         artist = ax.imshow(scaled[index], cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
-    if row_labels is not None:
-        if len(row_labels) != axes.shape[0]:
-            raise ValueError(f"got {len(row_labels)} row labels for {axes.shape[0]} rows")
-        for label, ax in zip(row_labels, axes[:, 0]):
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            ax.set_ylabel(label, fontsize=9)
-    fig.colorbar(artist, ax=axes, shrink=0.8, pad=0.01, label="importance (each map scaled to its max)")
+    fig.colorbar(artist, ax=axes, shrink=0.8, pad=0.01, label=colorbar_label)
     return fig, axes
+
+
+def frequency_plot(result, ax: plt.Axes | None = None) -> tuple[plt.Figure, plt.Axes]:
+    """Thesis Fig. 3.1: activation frequencies A_j of a ``QScoreResult``, sorted, with the band of
+    discriminative features shaded and the never-active / rare / frequent features coloured."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
+    order = torch.argsort(result.frequency, descending=True)
+    frequency = result.frequency[order].numpy()
+    discriminative = result.discriminative[order].numpy()
+    rank = np.arange(len(frequency))
+    low, high = result.bounds
+    categories = [("frequent (> P_high)", frequency > high, "tab:red"),
+                  ("discriminative D", discriminative, "tab:green"),
+                  ("rare (< P_low)", (frequency > 0) & (frequency < low), "tab:orange"),
+                  ("never active", frequency == 0, "tab:gray")]
+    for label, chosen, color in categories:
+        ax.bar(rank[chosen], frequency[chosen], width=1.0, color=color, label=f"{label}: {int(chosen.sum())}")
+    if np.isfinite(low):
+        ax.axhspan(low, high, color="tab:green", alpha=0.12)
+    ax.set_xlabel("feature j, sorted by activation frequency")
+    ax.set_ylabel("A_j: % of samples where j is highly active")
+    ax.legend(fontsize=8)
+    return fig, ax
 
 
 def figures_dir() -> Path:

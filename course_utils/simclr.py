@@ -139,6 +139,7 @@ def train_simclr(
     progress: bool = True,
     channels_last: bool = True,
     metadata: dict[str, Any] | None = None,
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainHistory:
     """Train ``model`` with SimCLR on ``dataset.images``; returns the per-epoch history.
 
@@ -158,6 +159,8 @@ def train_simclr(
         knn_data: optional (train, test) data sets for a k-NN accuracy after each epoch.
         callback: called as ``callback(epoch, history)`` after each epoch (live plots).
         metadata: plain values stored with the checkpoint (e.g. the command that trained it).
+        penalty: optional regulariser added to the loss, ``penalty(h)`` of the representations of both
+            views float32 [2B, r] (e.g. the Q-Score penalty of notebook 04); the history's loss includes it.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -210,9 +213,11 @@ def train_simclr(
             views = torch.cat([augment(x, generator), augment(x, generator)])
             views = views.contiguous(memory_format=memory_format)
             with autocast(device):
-                _, z = net(views)
+                h, z = net(views)
             z1, z2 = z.float().chunk(2)
             loss = nt_xent(z1, z2, temperature)
+            if penalty is not None:
+                loss = loss + penalty(h.float())
             mean_loss = loss.detach().clone()
             if _distributed():  # every process sees the global mean, so all of them stop together
                 dist.all_reduce(mean_loss)
@@ -378,6 +383,27 @@ def knn_accuracy(
         votes = torch.zeros(len(test), n_classes).scatter_add_(1, y_train[idx], torch.exp(sims / temperature))
         correct += (votes.argmax(1) == y_test[start:start + chunk]).sum().item()
     return correct / len(H_test)
+
+
+def kth_neighbour_distance(H_reference: torch.Tensor, H_query: torch.Tensor, k: int = 10, chunk: int = 1024,
+                           exclude_self: bool = False) -> torch.Tensor:
+    """Cosine distance ``1 - cos`` from each query to its k-th nearest reference sample: float [N_query].
+
+    A label-free "how typical is this sample" score (large = far from the training data).  With
+    ``exclude_self`` (query = reference) each sample's match with itself is skipped.
+    """
+    if H_reference.ndim != 2 or H_query.ndim != 2 or H_reference.shape[1] != H_query.shape[1]:
+        raise ValueError(f"need features [N, r] with the same r, got {tuple(H_reference.shape)} and "
+                         f"{tuple(H_query.shape)}")
+    rank = k + int(exclude_self)
+    if not 1 <= rank <= len(H_reference):
+        raise ValueError(f"k = {k} needs at least {rank} reference samples, got {len(H_reference)}")
+    reference = F.normalize(H_reference.float().cpu(), dim=1)
+    distances = []
+    for start in range(0, len(H_query), chunk):
+        query = F.normalize(H_query[start:start + chunk].float().cpu(), dim=1)
+        distances.append(1 - (query @ reference.T).topk(rank, dim=1).values[:, -1])
+    return torch.cat(distances)
 
 
 def raw_pixel_features(dataset: Any, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,11 @@ import torch
 
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.shapes import ShapesWorld
-from course_utils.plots import image_grid, saliency_grid
+from course_utils.explain.gradcam import representation
+from course_utils.explain.qscore import qscore
+from course_utils.explain.relax import masked_copies, relax_masks
+from course_utils.metrics import auroc
+from course_utils.plots import frequency_plot, image_grid, saliency_grid, to_display
 
 ANY = "any"
 FILTERABLE = ("shape", "color", "texture", "size", "position", "background", "background_color", "distractor")
@@ -198,3 +202,147 @@ def saliency_explorer(
         control.observe(refresh, names="value")
     refresh()
     return widgets.VBox([widgets.HBox([index, target]), widgets.HBox([layer, feature_index]), output])
+
+
+FILLS = {"zeros (paper)": 0.0, "mean colour": "mean", "blurred image": "blur"}
+
+
+def masking_view(encoder: torch.nn.Module, image: torch.Tensor, grid: int = 7, p_keep: float = 0.5,
+                 fill: str = "zeros (paper)", seed: int = 0) -> tuple[plt.Figure, float]:
+    """The masking explorer's callback: one RELAX mask, the masked image and its similarity.
+
+    Args:
+        encoder: maps [B, 3, H, W] in [0, 1] to h [B, r].
+        image: float [3, H, W] in [0, 1].
+        grid, p_keep: the mask's cells per side and keep probability (``relax_masks``).
+        fill: a key of ``FILLS``: what masked-out pixels become.
+        seed: which random mask.
+    Returns:
+        (fig, s) with s = cos(f(X), f(masked X)).
+    """
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {list(FILLS)}, got {fill!r}")
+    device = next(encoder.parameters()).device
+    mask = relax_masks(1, tuple(image.shape[-2:]), grid, p_keep, torch.Generator().manual_seed(seed), device)
+    image = image.to(device, torch.float32)
+    masked = masked_copies(image[None], mask, FILLS[fill])[0, 0]
+    with torch.no_grad():
+        h = representation(encoder(torch.stack([image, masked]))).float()
+    similarity = torch.nn.functional.cosine_similarity(h[0], h[1], dim=0).item()
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+    axes[0].imshow(to_display(image), interpolation="nearest")
+    axes[0].set_title("image X")
+    shown = axes[1].imshow(mask[0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title(f"mask M ({grid}×{grid} cells, p = {p_keep:.2f})")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, label="keep")
+    axes[2].imshow(to_display(masked), interpolation="nearest")
+    axes[2].set_title(f"masked, fill: {fill}\ns = cos(h, h̄) = {similarity:.3f}")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig, similarity
+
+
+def masking_explorer(encoder: torch.nn.Module, images: torch.Tensor) -> widgets.Widget:
+    """Draw RELAX masks by hand: image, grid size, keep probability, fill and mask seed.
+
+    Args:
+        encoder: maps [B, 3, H, W] in [0, 1] to h [B, r]; images: float [N, 3, H, W] in [0, 1].
+    """
+    index = widgets.IntSlider(value=0, min=0, max=images.shape[0] - 1, description="image", continuous_update=False)
+    grid = widgets.IntSlider(value=7, min=2, max=16, description="grid", continuous_update=False)
+    p_keep = widgets.FloatSlider(value=0.5, min=0.05, max=1.0, step=0.05, description="p_keep",
+                                 continuous_update=False)
+    fill = widgets.Dropdown(options=list(FILLS), description="fill")
+    seed = widgets.IntSlider(value=0, min=0, max=99, description="mask seed", continuous_update=False)
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            fig, _ = masking_view(encoder, images[index.value], grid.value, p_keep.value, fill.value, seed.value)
+            plt.show()
+            plt.close(fig)
+
+    for control in (index, grid, p_keep, fill, seed):
+        control.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HBox([index, grid, p_keep]), widgets.HBox([fill, seed]), output])
+
+
+def qscore_view(H: torch.Tensor, correct: torch.Tensor, eps: float,
+                percentiles: tuple[float, float] = (50, 95)) -> tuple[plt.Figure, dict[str, float]]:
+    """The ε explorer's callback: the activation-frequency curve and Q for correct vs wrong samples.
+
+    Args:
+        H: representations [N, r]; correct: bool [N], whether a classifier got each sample right.
+    Returns:
+        (fig, summary) with |D|, the share of empty L_i ∩ D and the AUROC of Q predicting ``correct``.
+    """
+    result = qscore(H, eps=eps, percentiles=percentiles)
+    correct = correct.bool().cpu()
+    measured = ~result.empty
+    summary = {"eps": eps, "|D|": int(result.discriminative.sum()), "empty share": result.empty_share,
+               "AUROC (all)": auroc(correct, result.q) if 0 < correct.sum() < len(correct) else float("nan")}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    frequency_plot(result, left)
+    left.set_title(f"ε = {eps:g}: |D| = {summary['|D|']}, L_i ∩ D empty for {summary['empty share']:.0%}")
+    for label, chosen, color in [("correct", correct & measured, "tab:blue"), ("wrong", ~correct & measured, "tab:red")]:
+        if chosen.any():
+            right.hist(result.q[chosen].numpy(), bins=30, alpha=0.5, density=True, color=color, label=label)
+    right.set_xlabel("Q-Score (samples with a non-empty L_i ∩ D)")
+    right.set_ylabel("density")
+    right.set_title(f"AUROC of Q for 'correct': {summary['AUROC (all)']:.3f}")
+    right.legend()
+    fig.tight_layout()
+    return fig, summary
+
+
+def qscore_explorer(H: torch.Tensor, correct: torch.Tensor) -> widgets.Widget:
+    """An ε slider: how the highly activating sets, D, the empty share and the AUROC move with ε."""
+    eps = widgets.FloatSlider(value=2.0, min=0.5, max=5.0, step=0.25, description="ε", continuous_update=False)
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            fig, _ = qscore_view(H, correct, eps.value)
+            plt.show()
+            plt.close(fig)
+
+    eps.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([eps, output])
+
+
+def top_activating(H: torch.Tensor, feature: int, count: int = 8) -> torch.Tensor:
+    """Indices of the ``count`` samples with the largest L2-normalised value of ``feature``: LongTensor [count]."""
+    if not 0 <= feature < H.shape[1]:
+        raise ValueError(f"feature {feature} is out of range for r = {H.shape[1]}")
+    return torch.nn.functional.normalize(H.float(), dim=1)[:, feature].topk(min(count, H.shape[0])).indices
+
+
+def feature_browser(H: torch.Tensor, images: torch.Tensor, captions: Sequence[str] | None = None,
+                    count: int = 8) -> widgets.Widget:
+    """Pick a feature j; shows the images that activate it most (normalised h_j in the titles).
+
+    Args:
+        H: representations [N, r]; images: [N, 3, S, S] (uint8 or float in [0, 1]); captions: N strings.
+    """
+    feature = widgets.IntSlider(value=0, min=0, max=H.shape[1] - 1, description="feature j", continuous_update=False)
+    output = widgets.Output()
+    normalised = torch.nn.functional.normalize(H.float(), dim=1)
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            top = top_activating(H, feature.value, count)
+            titles = [f"{normalised[i, feature.value]:.2f}" + (f": {captions[i]}" if captions else "") for i in top]
+            fig, _ = image_grid(images[top], titles=titles, ncols=count, panel_size=1.6)
+            fig.suptitle(f"top {count} images of feature {feature.value}", y=1.02)
+            plt.show()
+            plt.close(fig)
+
+    feature.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([feature, output])

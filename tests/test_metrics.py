@@ -177,3 +177,31 @@ def test_mask_iou_breaks_ties_at_random_not_in_raster_order():
     iou = mask_iou(maps, masks)
     # raster order would pick rows 0-1 (7 of them inside the object) -> IoU 8/24
     assert iou.mean().item() < 0.3
+
+
+def test_auroc_and_auprc_match_hand_computed_values():
+    from course_utils.metrics import auprc, auroc
+
+    labels = torch.tensor([True, False, True, False])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1])
+    # positive-negative pairs ranked correctly: (0.9>0.8), (0.9>0.1), (0.7>0.1), not (0.7>0.8): 3 of 4
+    assert auroc(labels, scores) == pytest.approx(0.75)
+    # precision at each positive, in score order: 1/1 at 0.9, 2/3 at 0.7 -> mean 5/6
+    assert auprc(labels, scores) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="both outcomes"):
+        auroc(torch.ones(4, dtype=torch.bool), scores)
+
+
+def test_bootstrap_interval_covers_the_value_and_separates_a_real_signal_from_chance():
+    from course_utils.metrics import auroc, bootstrap_interval
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(400, generator=g) < 0.7
+    informative = labels.float() + torch.randn(400, generator=g)
+    noise = torch.randn(400, generator=g)
+    value, low, high = bootstrap_interval(auroc, labels, informative, n_boot=300)
+    assert low < value < high and low > 0.6
+    _, low, high = bootstrap_interval(auroc, labels, noise, n_boot=300)
+    assert low < 0.5 < high
+    assert bootstrap_interval(auroc, labels, noise, n_boot=50, seed=1) == bootstrap_interval(auroc, labels, noise,
+                                                                                          n_boot=50, seed=1)

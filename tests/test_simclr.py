@@ -259,3 +259,38 @@ def test_supervised_reference_learns_an_easy_task_and_scores_held_out_labels():
                                   split="shuffled", source="test")
     torch.manual_seed(0)
     assert supervised_accuracy(resnet(10, 8), train, shuffled, epochs=3, batch_size=64, device="cpu") < 0.5
+
+
+def test_kth_neighbour_distance_equals_a_brute_force_sort():
+    from course_utils.simclr import kth_neighbour_distance
+
+    g = torch.Generator().manual_seed(0)
+    reference, query = torch.randn(50, 8, generator=g), torch.randn(7, 8, generator=g)
+    cos = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(reference, dim=1).T
+    expected = 1 - cos.sort(1, descending=True).values[:, 2]
+    torch.testing.assert_close(kth_neighbour_distance(reference, query, k=3, chunk=3), expected)
+    itself = kth_neighbour_distance(reference, reference, k=1, exclude_self=True)
+    own = torch.nn.functional.normalize(reference, dim=1)
+    sims = own @ own.T
+    sims.fill_diagonal_(-2)
+    torch.testing.assert_close(itself, 1 - sims.max(1).values, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reference samples"):
+        kth_neighbour_distance(reference, query, k=50, exclude_self=True)
+
+
+def test_a_penalty_on_h_is_added_to_the_loss_and_shapes_the_representation(tiny_world):
+    shapes = []
+
+    def shrink(h: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(h.shape))
+        return 10.0 * h.pow(2).sum(1).mean()
+
+    kwargs = dict(epochs=1, batch_size=32, lr=3e-3, temperature=0.2, progress=False, device="cpu", seed=0)
+    plain, penalised = _tiny_model(), _tiny_model()
+    plain_history = train_simclr(plain, tiny_world, **kwargs)
+    penalised_history = train_simclr(penalised, tiny_world, penalty=shrink, **kwargs)
+    assert shapes and all(s == (64, plain.encoder.out_dim) for s in shapes)  # both views of each batch
+    assert penalised_history.loss[0] > plain_history.loss[0]  # the loss includes the penalty
+    x = tiny_world.images[:64].float() / 255
+    with torch.no_grad():
+        assert penalised.encoder(x).norm(dim=1).mean() < plain.encoder(x).norm(dim=1).mean()

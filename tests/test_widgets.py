@@ -80,3 +80,49 @@ def test_augmentation_explorer_has_a_slider_per_strength(worlds):
     box = augmentation_explorer(worlds["default"].images[:3].float() / 255)
     names = [c.description for c in box.children[0].children]
     assert names == [*AUGMENT_SLIDERS, "seed"]
+
+
+def test_masking_view_shows_the_mask_and_the_similarity_of_the_masked_image():
+    from course_utils.models import resnet
+    from course_utils.widgets import masking_explorer, masking_view
+
+    torch.manual_seed(0)
+    encoder = resnet(10, 8).eval()
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    fig, keep_all = masking_view(encoder, image, grid=4, p_keep=1.0)
+    assert keep_all == pytest.approx(1.0, abs=1e-3)  # nothing masked: the same embedding
+    matplotlib.pyplot.close(fig)
+    fig, similarity = masking_view(encoder, image, grid=4, p_keep=0.3, fill="mean colour", seed=3)
+    assert similarity < 0.999 and "s = cos" in fig.axes[2].get_title()
+    matplotlib.pyplot.close(fig)
+    with pytest.raises(ValueError, match="fill must be one of"):
+        masking_view(encoder, image, fill="noise")
+    assert masking_explorer(encoder, image[None].repeat(2, 1, 1, 1)).children
+
+
+def test_qscore_view_reports_the_set_sizes_and_the_auroc():
+    from course_utils.explain.qscore import qscore
+    from course_utils.widgets import qscore_explorer, qscore_view
+
+    g = torch.Generator().manual_seed(0)
+    H = torch.rand(300, 32, generator=g) * 0.2
+    H[torch.arange(300), torch.randint(0, 32, (300,), generator=g)] = 3.0
+    correct = torch.rand(300, generator=g) < 0.7
+    fig, summary = qscore_view(H, correct, eps=2.0)
+    reference = qscore(H, eps=2.0)
+    assert summary["|D|"] == int(reference.discriminative.sum())
+    assert summary["empty share"] == pytest.approx(reference.empty_share)
+    assert 0 <= summary["AUROC (all)"] <= 1
+    matplotlib.pyplot.close(fig)
+    assert qscore_explorer(H, correct).children
+
+
+def test_top_activating_returns_the_strongest_samples_of_a_feature():
+    from course_utils.widgets import feature_browser, top_activating
+
+    H = torch.ones(5, 3)
+    H[3, 1], H[0, 1] = 9.0, 5.0
+    assert top_activating(H, 1, count=2).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="out of range"):
+        top_activating(H, 3)
+    assert feature_browser(H, torch.rand(5, 3, 8, 8), count=2).children

@@ -27,8 +27,8 @@ from torch import nn
 Target = Callable[[Any], torch.Tensor]
 
 
-def _representation(output: Any) -> torch.Tensor:
-    """h from an encoder's output [B, r] or a SimCLRModel's (h, z)."""
+def representation(output: Any) -> torch.Tensor:
+    """h from an encoder's output [B, r] or a SimCLRModel's (h, z): explainers accept either model."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -59,7 +59,7 @@ class class_score:  # noqa: N801 - lower-case like captum's target arguments: gr
         self.c = c
 
     def __call__(self, output: Any) -> torch.Tensor:
-        logits = _representation(output)
+        logits = representation(output)
         if logits.ndim != 2:
             raise ValueError(f"class_score needs logits [B, C], got shape {tuple(logits.shape)}")
         return _column(logits, self.c, "class")
@@ -72,7 +72,7 @@ class feature:  # noqa: N801
         self.j = j
 
     def __call__(self, output: Any) -> torch.Tensor:
-        return _column(_representation(output), self.j, "feature")
+        return _column(representation(output), self.j, "feature")
 
 
 class cosine_to:  # noqa: N801
@@ -90,7 +90,7 @@ class cosine_to:  # noqa: N801
         self.h_ref = h_ref.detach()
 
     def __call__(self, output: Any) -> torch.Tensor:
-        h = _representation(output)
+        h = representation(output)
         return F.cosine_similarity(h, self.h_ref.to(h.device, h.dtype).expand_as(h), dim=1)
 
 
@@ -98,7 +98,7 @@ class squared_norm:  # noqa: N801
     """``y = ||h||^2``: how strongly the image drives the representation as a whole."""
 
     def __call__(self, output: Any) -> torch.Tensor:
-        return _representation(output).pow(2).sum(1)
+        return representation(output).pow(2).sum(1)
 
 
 class contrastive:  # noqa: N801
