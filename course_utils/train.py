@@ -1,4 +1,4 @@
-"""``python -m course_utils.train --preset NAME``: reproducible SimCLR checkpoints.
+"""``python -m course_utils.train --preset NAME``: reproducible SimCLR checkpoints (and the toy CLIP).
 
 Each preset fixes data, encoder, augmentation and optimisation.  The run writes
 a training-state file (resumable with ``--resume``), then a course checkpoint
@@ -7,6 +7,10 @@ a training-state file (resumable with ``--resume``), then a course checkpoint
 held-out data, next to a random-init encoder of the same architecture and raw
 pixels.  ``--commit`` writes into ``data/checkpoints`` and registers the sha256.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP).
+
+``--preset shapes-clip`` trains the offline toy CLIP of FALCON (``course_utils.vlm``) on ShapesWorld
+image-caption pairs instead, and reports its zero-shot accuracy per attribute; it is committed to
+``data/checkpoints/vlm/``.
 """
 
 from __future__ import annotations
@@ -79,6 +83,64 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 ]}
 
 
+@dataclass(frozen=True)
+class ClipPreset:
+    """A toy-CLIP training run (course_utils.vlm)."""
+
+    name: str
+    description: str
+    world: dict[str, Any]
+    epochs: int
+    batch_size: int = 256
+    lr: float = 2e-3
+    width: int = 16
+    dim: int = 128
+
+
+CLIP_PRESETS: dict[str, ClipPreset] = {p.name: p for p in [
+    ClipPreset("shapes-clip", "toy CLIP for FALCON: ResNet-10 width 32 + 2-layer text transformer on ShapesWorld "
+               "image-caption pairs (CPU, about 20 minutes)", {"n": 20_000, "distractor_p": 0.3}, epochs=25, width=32),
+]}
+
+
+def _train_clip(preset: ClipPreset, epochs: int, args: argparse.Namespace, device: torch.device,
+                command: str) -> dict[str, Any]:
+    from course_utils.data.captions import load_caption_set
+    from course_utils.data.shapes import ShapesWorld
+    from course_utils.vlm import ToyCLIP, Vocabulary, class_prompts, save_toy_clip, train_toy_clip, zero_shot_accuracy
+
+    world = ShapesWorld(seed=args.seed, split="train", **preset.world)
+    test = ShapesWorld(n=5_000, seed=args.seed, split="test", distractor_p=preset.world.get("distractor_p"))
+    prompts = [p for attribute in ("shape", "color", "background_color") for group in class_prompts(test, attribute)
+               for p in group]
+    vocabulary = Vocabulary.from_texts(load_caption_set() + prompts)
+    torch.manual_seed(args.seed)
+    model = ToyCLIP(vocabulary, dim=preset.dim, width=preset.width)
+    print(f"{preset.name}: {preset.description}\nvocabulary: {len(vocabulary)} words; device {device}; "
+          f"command: {command}", flush=True)
+    started = time.perf_counter()
+
+    def report(epoch: int, history: Any) -> None:
+        print(f"epoch {epoch}/{epochs} loss {history.loss[-1]:.4f} "
+              f"elapsed {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+
+    history = train_toy_clip(model, world, epochs, batch_size=preset.batch_size, lr=preset.lr, seed=args.seed,
+                             device=device, progress=False, callback=report)
+    zero_shot = {attribute: round(zero_shot_accuracy(model, test, attribute), 4)
+                 for attribute in ("shape", "color", "background_color", "texture", "size")}
+    result = {"preset": preset.name, "command": command, "train_minutes": round((time.perf_counter() - started) / 60, 2),
+              "device": str(device), "epochs": epochs, "zero_shot_accuracy": zero_shot,
+              "loss": [round(v, 4) for v in history.loss]}
+    out = checkpoint_dir() / "vlm" if args.commit else (args.out or default_data_root() / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    save_toy_clip(model.cpu(), out / f"{preset.name}.pt", **result)
+    atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    if args.commit:
+        write_checksum(out / f"{preset.name}.pt")
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
 def _data(preset: Preset, split: str) -> Any:
     if preset.data == "shapes":
         options = dict(preset.data_options)
@@ -132,7 +194,7 @@ def _supervised_reference(preset: Preset, data: Any, args: argparse.Namespace, o
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS) + sorted(CLIP_PRESETS))
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--out", type=Path, help="output folder (default data/cache/checkpoints)")
     parser.add_argument("--commit", action="store_true", help="write into data/checkpoints and register the sha256")
@@ -144,9 +206,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="instead of SimCLR, train the supervised reference (same encoder, labels, "
                              "cross-entropy) for EPOCHS and write <out>/<name>.supervised.json")
     args = parser.parse_args(argv)
+    command = "python -m course_utils.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.preset in CLIP_PRESETS:
+        if args.supervised is not None or args.snapshots or args.resume:
+            parser.error("--supervised, --snapshots and --resume apply to SimCLR presets only")
+        clip_preset = CLIP_PRESETS[args.preset]
+        seed_everything(args.seed)
+        return _train_clip(clip_preset, args.epochs or clip_preset.epochs, args, get_device(), command)
     preset = PRESETS[args.preset]
     epochs = args.epochs or preset.epochs
-    command = "python -m course_utils.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = get_device()

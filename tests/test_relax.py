@@ -61,6 +61,14 @@ def test_maps_from_stored_similarities_equal_the_run_that_measured_them(small_en
         relax_from_similarities(run.similarities[:, :5], masks)
 
 
+def test_a_pixel_no_mask_kept_gets_zero_not_nan_when_normalised(small_encoder):
+    masks = torch.ones(4, 16, 16)
+    masks[:, 0, 0] = 0  # never kept
+    result = relax(small_encoder, torch.rand(3, 16, 16), masks=masks, normalize=True)
+    assert torch.isfinite(result.importance).all() and torch.isfinite(result.uncertainty).all()
+    assert result.importance[0, 0] == 0 and result.uncertainty[0, 0] == 0
+
+
 def test_u_relax_keeps_importance_where_uncertainty_is_at_most_its_median(small_encoder):
     result = relax(small_encoder, torch.rand(3, 16, 16), num_masks=20, generator=torch.Generator().manual_seed(0))
     certain = result.uncertainty <= result.uncertainty.median()

@@ -201,7 +201,8 @@ def relax_batch(
 def _maps(sum_m: torch.Tensor, sum_sm: torch.Tensor, sum_ssm: torch.Tensor, num_masks: int, normalize: bool,
           size: tuple[int, int], similarities: torch.Tensor) -> RelaxResult:
     """Importance, uncertainty and U-RELAX from the running sums Σ M [HW], Σ s M and Σ s² M [B, HW]."""
-    weight = sum_m if normalize else torch.full_like(sum_m, num_masks)
+    # normalize: a pixel that no mask kept has no weight; its maps are 0 (not 0 / 0).
+    weight = sum_m.clamp(min=1e-12) if normalize else torch.full_like(sum_m, num_masks)
     importance = sum_sm / weight
     # Σ (s - R)² M = Σ s² M - 2 R Σ s M + R² Σ M, from the running sums.
     uncertainty = ((sum_ssm - 2 * importance * sum_sm + importance.square() * sum_m) / weight).clamp(min=0)

@@ -1,0 +1,135 @@
+"""FALCON's formulas against independent implementations, the crop box, and a planted concept end to end."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from course_utils.data.captions import caption_set
+from course_utils.data.shapes import ShapesWorld
+from course_utils.explain.falcon import (
+    activation_threshold, caption_words, crop_box, explain_feature, highly_activating, lowly_activating, word_scores,
+)
+
+
+def test_caption_words_drop_stop_words_digits_and_the_discard_set():
+    assert caption_words("A big red star, in the top-left (no. 3)!", discard=["big"]) == {"red", "star", "left"}
+
+
+def test_word_scores_equal_an_independent_loop_of_eq_4_1():
+    g = torch.Generator().manual_seed(0)
+    captions = ["a red star", "a blue star", "a red ring on teal", "an old dog", "a teal ring", "red and blue"]
+    confidence = torch.rand(7, len(captions), generator=g)
+    scores = word_scores(confidence, captions, top_k=3)
+    expected = {}
+    for q in range(7):
+        top = confidence[q].topk(3).indices.tolist()
+        for w in {w for p in top for w in caption_words(captions[p])}:
+            best = max(confidence[q, p].item() for p in top if w in caption_words(captions[p]))
+            expected[w] = expected.get(w, 0.0) + best / 7
+    assert scores.keys() == expected.keys()
+    for w in expected:
+        assert scores[w] == pytest.approx(expected[w])
+    assert list(scores.values()) == sorted(scores.values(), reverse=True)
+    with pytest.raises(ValueError, match="n_captions"):
+        word_scores(confidence[:, :3], captions)
+
+
+def test_highly_and_lowly_activating_follow_the_definitions():
+    g = torch.Generator().manual_seed(1)
+    H = torch.rand(200, 12, generator=g)
+    H[:20, 4] += 3.0  # feature 4 is strong on the first 20 images
+    normalised = F.normalize(H, dim=1)
+    alpha = activation_threshold(H, k=2.0)
+    high = highly_activating(H, 4, alpha)
+    assert set(high.tolist()) == set((normalised[:, 4] > alpha).nonzero().flatten().tolist())
+    assert (normalised[high, 4][:-1] >= normalised[high, 4][1:]).all()  # strongest first
+    low = lowly_activating(H, 4, high, beta=0.3)
+    others = [j for j in range(12) if j != 4]
+    centre = normalised[high][:, others].mean(0)
+    expected = {j for j in range(200) if normalised[j, 4] < normalised[:, 4].mean()
+                and normalised[j, others] @ centre >= 0.3}
+    assert set(low.tolist()) == expected and len(expected) > 0
+    assert len(lowly_activating(H, 4, high, beta=0.3, max_images=3)) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        highly_activating(H, 12, alpha)
+
+
+def test_crop_box_is_the_box_of_the_largest_region_above_the_threshold():
+    saliency = torch.zeros(10, 12)
+    saliency[2:5, 3:9] = 1.0  # the large region
+    saliency[8, 0] = 0.9  # a single hot pixel elsewhere
+    assert crop_box(saliency) == (2, 3, 5, 9)
+    assert crop_box(torch.zeros(4, 4)) == (0, 0, 4, 4)  # nothing salient: the whole image
+
+
+class AttributeVLM:
+    """A stand-in vision-language model: image and caption embeddings are indicator vectors of the
+    attribute values they mention, so image-caption cosine counts shared concepts."""
+
+    def __init__(self, world: ShapesWorld) -> None:
+        self.vocabulary = sorted({v for key in ("shape", "color", "background_color") for v in world.attribute_names[key]})
+        self.world = world
+
+    def images(self) -> torch.Tensor:
+        rows = torch.zeros(len(self.world), len(self.vocabulary))
+        for key in ("shape", "color", "background_color"):
+            for i, value in enumerate(self.world.attributes[key].tolist()):
+                rows[i, self.vocabulary.index(self.world.attribute_names[key][value])] = 1
+        return F.normalize(rows, dim=1)
+
+    def texts(self, captions):
+        rows = torch.zeros(len(captions), len(self.vocabulary))
+        for i, caption in enumerate(captions):
+            for word in caption_words(caption):
+                if word in self.vocabulary:
+                    rows[i, self.vocabulary.index(word)] = 1
+        return F.normalize(rows, dim=1)
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_a_planted_red_feature_is_named_red_first(contrastive):
+    world = ShapesWorld(n=600, seed=0)
+    g = torch.Generator().manual_seed(0)
+    H = torch.rand(len(world), 16, generator=g)
+    red = world.attributes["color"] == world.attribute_names["color"].index("red")
+    H[red, 7] += 4.0
+    captions = caption_set(world.attribute_names, n=3000, seed=0)
+    vlm = AttributeVLM(world)
+    explanation = explain_feature(H, 7, vlm.images(), vlm.texts(captions), captions, contrastive=contrastive)
+    assert explanation is not None and explanation.concepts[0] == "red"
+    assert set(explanation.high.tolist()) <= set(red.nonzero().flatten().tolist())
+    assert explain_feature(H, 7, vlm.images(), vlm.texts(captions), captions, min_images=10_000) is None
+
+
+def test_failure_features_are_the_largest_contributions_to_the_predicted_class():
+    from course_utils.explain.falcon import failure_features
+
+    h = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    U = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 4.0, 0.5]])
+    assert failure_features(h, U, predicted=1, top=2).tolist() == [2, 3]  # 2.0 and 1.5 beat 1.0 and -2.0
+
+
+def test_transfer_recovers_a_planted_permutation_between_two_representations():
+    from course_utils.explain.falcon import inherited_features, transfer_map
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(3000, 40, generator=g) ** 4  # sparse, positive, like ReLU features
+    permutation = torch.randperm(40, generator=g)
+    target = source[:, permutation] + 0.01 * torch.rand(3000, 40, generator=g)
+    Z = transfer_map(target, source)  # SCIENCE.md: SGD, lr 1, 10 epochs; weights above mean + 4 std
+    assert inherited_features(Z) == {t: [int(permutation[t])] for t in range(40)}
+
+
+def test_true_concepts_and_precision_on_a_hand_made_case():
+    from course_utils.explain.falcon import concept_precision, true_concepts
+
+    world = ShapesWorld(n=800, seed=0)
+    red = (world.attributes["color"] == world.attribute_names["color"].index("red")).nonzero().flatten()
+    assert "red" in true_concepts(world.attributes, world.attribute_names, red)
+    assert true_concepts(world.attributes, world.attribute_names, torch.arange(800)) == set()  # no enrichment
+    scores = concept_precision([["red", "star"], ["blue"], ["ring", "teal"]], [{"red"}, {"teal"}, {"teal", "ring"}])
+    assert scores["P@1"] == pytest.approx(2 / 3)
+    assert scores["R@5"] == pytest.approx((1 + 0 + 1) / 3)
+    assert scores["P@min(k,#true)"] == pytest.approx((1 + 0 + 1) / 3)
