@@ -99,7 +99,7 @@ class ClipPreset:
 
 CLIP_PRESETS: dict[str, ClipPreset] = {p.name: p for p in [
     ClipPreset("shapes-clip", "toy CLIP for FALCON: ResNet-10 width 32 + 2-layer text transformer on ShapesWorld "
-               "image-caption pairs (CPU, about 20 minutes)", {"n": 20_000, "distractor_p": 0.3}, epochs=25, width=32),
+               "image-caption pairs (CPU, about 30 minutes)", {"n": 20_000, "distractor_p": 0.3}, epochs=40, width=32),
 ]}
 
 

@@ -105,14 +105,13 @@ def test_a_short_toy_clip_training_lowers_the_loss_and_round_trips(tiny_clip, tm
 
 
 def test_the_committed_toy_clip_classifies_shape_and_colour_zero_shot():
-    """Measured on 5,000 test images: shape 0.87, colour 1.00, background colour 1.00.  The course's
-    target is 0.9 for shape; this test holds the level reached so that a regression shows."""
+    """Measured on 5,000 test images: shape 0.98, colour 1.00, background colour 1.00 (target >= 0.9)."""
     from course_utils.models import checkpoint_dir
 
     model = load_toy_clip(checkpoint_dir() / "vlm" / "shapes-clip.pt")
     world = ShapesWorld(n=500, seed=1, split="test")
-    assert zero_shot_accuracy(model, world, "shape") >= 0.83
-    assert zero_shot_accuracy(model, world, "color") >= 0.95
+    assert zero_shot_accuracy(model, world, "shape") >= 0.9
+    assert zero_shot_accuracy(model, world, "color") >= 0.9
 
 
 def test_top_captions_in_chunks_equal_a_full_sort():
