@@ -230,8 +230,9 @@ def bench_qscore(quick: bool) -> BenchRow:
     H = torch.relu(torch.randn(n, r, generator=generator)) ** 2
     seconds = _best_of(2, lambda: qscore(H, eps=2.0))
     rows = H[:loop_n].numpy().astype(np.float64)
-    frequency = qscore(H, eps=2.0).frequency.numpy()
-    discriminative = set(np.flatnonzero(qscore(H, eps=2.0).discriminative.numpy()))
+    population = qscore(H, eps=2.0)
+    frequency = population.frequency.numpy()
+    discriminative = set(np.flatnonzero(population.discriminative.numpy()))
 
     def per_sample() -> None:
         for row in rows:  # the sets L_i, then Q_i, one sample at a time

@@ -256,17 +256,29 @@ def _read_checksums(directory: Path) -> dict[str, str]:
     return sums
 
 
+def verify_checksum(path: str | Path) -> str:
+    """The file's sha256, checked against its line in the ``SHA256SUMS`` beside it (if it has one).
+
+    Raises:
+        ValueError: the file does not match its registered checksum, with how to restore it.
+    """
+    path = Path(path)
+    digest = _sha256(path)
+    expected = _read_checksums(path.parent).get(path.name)
+    if expected is not None and digest != expected:
+        raise ValueError(
+            f"checksum mismatch for {path}: the file was modified or is incomplete (e.g. a Git LFS pointer "
+            f"or an interrupted download). Restore it with `git checkout -- {path}` (after `git lfs pull` if "
+            f"it is stored with Git LFS) or retrain it with `python -m course_utils.train`.")
+    return digest
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SimCLRModel:
     """Verify (checksum, format, architecture) and load a checkpoint; returns the model in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    expected = _read_checksums(path.parent).get(path.name)
-    if expected is not None and _sha256(path) != expected:
-        raise ValueError(
-            f"checksum mismatch for {path}: the file was modified or is incomplete (e.g. a Git LFS pointer "
-            f"or an interrupted download). Restore it with `git checkout -- {path}` (after `git lfs pull` if "
-            f"it is stored with Git LFS) or retrain it with `python -m course_utils.train`.")
+    verify_checksum(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.data.captions import describe
-from course_utils.models import atomic_write, resnet
+from course_utils.models import atomic_write, resnet, verify_checksum
 from course_utils.runtime import autocast, get_device
 
 TOY_CLIP_FORMAT = "course-toyclip-v1"
@@ -281,17 +281,11 @@ def save_toy_clip(model: ToyCLIP, path: str | Path, **metadata) -> None:
 
 def load_toy_clip(path: str | Path, map_location: str | torch.device = "cpu") -> ToyCLIP:
     """Load a toy CLIP checkpoint (checksum-verified when registered in SHA256SUMS beside it)."""
-    from course_utils.models import _read_checksums, _sha256
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"toy CLIP checkpoint not found: {path}; train it with "
                                 "`python -m course_utils.train --preset shapes-clip --commit`")
-    expected = _read_checksums(path.parent).get(path.name)
-    digest = _sha256(path)
-    if expected is not None and digest != expected:
-        raise ValueError(f"checksum mismatch for {path}: the file was modified or is incomplete; restore it with "
-                         f"`git checkout -- {path}` or retrain it")
+    digest = verify_checksum(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -32,6 +33,7 @@ NON_CONCEPTS = frozenset({"photo", "picture", "image", "background", "backdrop",
                           "next", "beside", "size", "texture", "colour", "color", "sized"})
 
 
+@lru_cache(maxsize=1)
 def _stop_words() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
