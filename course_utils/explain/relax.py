@@ -9,7 +9,9 @@ with the embedding of the full image (SCIENCE.md section 3):
     U-RELAX = R where U <= median(U), else 0
 
 ``normalize=True`` (the reference code) divides both sums by ``Σ_n M_n`` instead of N: a weighted
-mean and a weighted variance.  The fill ``B`` is 0 in the paper (``X ⊙ M``); the course also offers
+mean and a weighted variance.  Use it for maps: the literal ÷N importance is dominated by how often the
+random masks happened to keep each pixel and needs far more than 3000 masks to converge (notebook 03
+measures it); the default stays the SCIENCE.md formula.  The fill ``B`` is 0 in the paper (``X ⊙ M``); the course also offers
 the image's mean colour and a blurred copy, because at 32 px what replaces a pixel decides a lot.
 
 The masks are evaluated ``batch_size`` masked images per forward pass under autocast, and only
