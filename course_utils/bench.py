@@ -130,36 +130,40 @@ class _TwoViews(torch.utils.data.Dataset):
         return self.transform(image), self.transform(image)
 
 
-def _model() -> SimCLRModel:
+def _model(depth: int = 10, width: int = 32) -> SimCLRModel:
     torch.manual_seed(0)
-    return SimCLRModel(resnet(10, 32))
+    return SimCLRModel(resnet(depth, width))
 
 
-def _tutorial_pairs_per_s(world: ShapesWorld, batch_size: int, steps: int) -> float:
-    """DataLoader with 2 workers + per-sample torchvision transforms + fp32, contiguous tensors."""
-    model = _model()
+def _tutorial_pairs_per_s(world: ShapesWorld, batch_size: int, steps: int, device: torch.device,
+                          depth: int = 10, width: int = 32, num_workers: int = 2) -> float:
+    """DataLoader + per-sample torchvision transforms + fp32, contiguous tensors, on ``device``."""
+    model = _model(depth, width).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(_TwoViews(world), batch_size=batch_size, shuffle=True, num_workers=2,
-                                         drop_last=True, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(_TwoViews(world), batch_size=batch_size, shuffle=True,
+                                         num_workers=num_workers, drop_last=True, persistent_workers=False,
+                                         pin_memory=device.type == "cuda")
     iterator = iter(loader)
     next(iterator)  # start the workers before timing
     start = time.perf_counter()
     for _ in range(steps):
         v1, v2 = next(iterator)
-        _, z = model(torch.cat([v1, v2]))
+        _, z = model(torch.cat([v1, v2]).to(device, non_blocking=True))
         loss = nt_xent(*z.chunk(2), temperature=0.2)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    _synchronise(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def _course_pairs_per_s(world: ShapesWorld, batch_size: int, precision: str, channels_last: bool) -> float:
+def _course_pairs_per_s(world: ShapesWorld, batch_size: int, precision: str, channels_last: bool,
+                        device: torch.device, depth: int = 10, width: int = 32) -> float:
     previous = os.environ.get("COURSE_PRECISION")
     os.environ["COURSE_PRECISION"] = precision
     try:
-        history = train_simclr(_model(), world, epochs=1, batch_size=batch_size, temperature=0.2,
-                               progress=False, channels_last=channels_last, device="cpu")
+        history = train_simclr(_model(depth, width), world, epochs=1, batch_size=batch_size, temperature=0.2,
+                               progress=False, channels_last=channels_last, device=device)
     finally:
         if previous is None:
             os.environ.pop("COURSE_PRECISION")
@@ -172,14 +176,37 @@ def bench_training(quick: bool) -> list[BenchRow]:
     """End-to-end SimCLR pairs/s on ResNet-10 width 32, 32 px, CPU."""
     batch_size, steps = (64, 3) if quick else (256, 8)
     world = ShapesWorld(n=batch_size * (steps + 1), seed=0)
-    tutorial = _tutorial_pairs_per_s(world, batch_size, steps)
-    course = _course_pairs_per_s(world, batch_size, "auto", channels_last=True)
-    fp32 = _course_pairs_per_s(world, batch_size, "fp32", channels_last=False)
+    cpu = torch.device("cpu")
+    tutorial = _tutorial_pairs_per_s(world, batch_size, steps, cpu)
+    course = _course_pairs_per_s(world, batch_size, "auto", True, cpu)
+    fp32 = _course_pairs_per_s(world, batch_size, "fp32", False, cpu)
     workload = f"ResNet-10 w32, batch {batch_size}, 32 px, {steps} steps"
     return [
         BenchRow("SimCLR training (course vs tutorial)", workload, "pairs/s", course, tutorial, ">= 3x"),
         BenchRow("SimCLR training (bf16+channels_last vs fp32)", workload, "pairs/s", course, fp32,
                  "~3.5x on avx512_bf16/AMX"),
+    ]
+
+
+def bench_training_gpu(quick: bool) -> list[BenchRow]:
+    """End-to-end SimCLR pairs/s of the GPU preset's encoder (ResNet-18 width 64, 32 px) on CUDA: the course
+    pipeline (augmentation on the GPU, bf16, channels_last) vs the tutorial one (DataLoader with 8 workers,
+    per-sample PIL transforms, fp32).  Returns no rows without a CUDA device."""
+    device = get_device()
+    if device.type != "cuda":
+        print("training-gpu: skipped, no CUDA device", flush=True)
+        return []
+    batch_size, steps = (256, 5) if quick else (512, 30)
+    world = ShapesWorld(n=batch_size * (steps + 1), seed=0)
+    _course_pairs_per_s(world, batch_size, "auto", True, device, 18, 64)  # warm-up: cuDNN autotuning
+    course = _course_pairs_per_s(world, batch_size, "auto", True, device, 18, 64)
+    fp32 = _course_pairs_per_s(world, batch_size, "fp32", False, device, 18, 64)
+    tutorial = _tutorial_pairs_per_s(world, batch_size, steps, device, 18, 64, num_workers=8)
+    workload = f"ResNet-18 w64, batch {batch_size}, 32 px, {steps} steps, {torch.cuda.get_device_name(device)}"
+    return [
+        BenchRow("SimCLR training on GPU (course vs tutorial)", workload, "pairs/s", course, tutorial, ">= 3x"),
+        BenchRow("SimCLR training on GPU (bf16+channels_last vs fp32)", workload, "pairs/s", course, fp32,
+                 "faster"),
     ]
 
 
@@ -255,6 +282,7 @@ BENCHMARKS: dict[str, Callable[[bool], BenchRow | list[BenchRow]]] = {
     "shapes": bench_shapes,
     "augment": bench_augment,
     "training": bench_training,
+    "training-gpu": bench_training_gpu,
     "relax": bench_relax,
     "qscore": bench_qscore,
 }
