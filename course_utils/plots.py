@@ -149,6 +149,32 @@ def frequency_plot(result, ax: plt.Axes | None = None) -> tuple[plt.Figure, plt.
     return fig, ax
 
 
+def word_score_plot(scores: dict[str, float], discarded: Sequence[str] = (), top: int = 10,
+                    ax: plt.Axes | None = None, title: str | None = None) -> tuple[plt.Figure, plt.Axes]:
+    """FALCON's Word Scores (eq. 4.1) as horizontal bars, best at the top; words that the contrastive step
+    discarded are drawn grey and hatched."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4, 0.3 * top + 0.8))
+    chosen = list(scores.items())[:top]
+    if not chosen:
+        raise ValueError("no word scores to plot")
+    names = [w for w, _ in chosen][::-1]
+    values = [v for _, v in chosen][::-1]
+    dropped = set(discarded)
+    colors = ["lightgray" if w in dropped else "tab:blue" for w in names]
+    bars = ax.barh(names, values, color=colors)
+    for bar, word in zip(bars, names):
+        if word in dropped:
+            bar.set_hatch("//")
+    ax.set_xlabel("Word Score WS(w)")
+    if dropped & set(names):
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"),
+                           plt.Rectangle((0, 0), 1, 1, facecolor="lightgray", hatch="//")],
+                  labels=["concept", "discarded (lowly activating)"], fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig, ax
+
+
 def figures_dir() -> Path:
     """Where notebooks write their figures: ``COURSE_FIGURES_DIR`` or ``<repo>/figures``."""
     default = Path(__file__).resolve().parents[1] / "figures"

@@ -16,7 +16,7 @@ from course_utils.explain.gradcam import representation
 from course_utils.explain.qscore import qscore
 from course_utils.explain.relax import masked_copies, relax_masks
 from course_utils.metrics import auroc
-from course_utils.plots import frequency_plot, image_grid, saliency_grid, to_display
+from course_utils.plots import frequency_plot, image_grid, saliency_grid, to_display, word_score_plot
 
 ANY = "any"
 FILTERABLE = ("shape", "color", "texture", "size", "position", "background", "background_color", "distractor")
@@ -346,3 +346,45 @@ def feature_browser(H: torch.Tensor, images: torch.Tensor, captions: Sequence[st
     feature.observe(refresh, names="value")
     refresh()
     return widgets.VBox([feature, output])
+
+
+def falcon_view(explanation, images: torch.Tensor, count: int = 8) -> plt.Figure:
+    """One FALCON explanation: the top highly activating images, the lowly activating counterfactuals, and
+    the Word Scores with the words the contrastive step discarded.
+
+    Args:
+        explanation: ``falcon.FeatureExplanation``; images: the probe images [N, 3, S, S].
+    """
+    fig = plt.figure(figsize=(1.1 * count + 4.2, 2.7))
+    grid = fig.add_gridspec(2, count + 4)
+    for row, (indices, label) in enumerate([(explanation.high, "high"), (explanation.low, "low")]):
+        for column in range(count):
+            ax = fig.add_subplot(grid[row, column])
+            ax.set_xticks([]), ax.set_yticks([])
+            if column < len(indices):
+                ax.imshow(to_display(images[indices[column]]))
+            if column == 0:
+                ax.set_ylabel(f"{label}\n({len(indices)})", fontsize=8)
+    word_score_plot(explanation.scores, explanation.discarded, top=8, ax=fig.add_subplot(grid[:, count + 1:]))
+    fig.suptitle(f"feature {explanation.feature}: {', '.join(explanation.concepts[:3]) or '(no concept)'}", fontsize=10)
+    return fig
+
+
+def falcon_browser(explanations: Sequence, images: torch.Tensor, count: int = 8) -> widgets.Widget:
+    """Pick an explained feature (or group); shows ``falcon_view`` of it."""
+    if not explanations:
+        raise ValueError("no explanations to browse; explain some features first")
+    options = [(f"{e.feature}: {', '.join(e.concepts[:3])}", i) for i, e in enumerate(explanations)]
+    choice = widgets.Dropdown(options=options, value=0, description="feature", layout=widgets.Layout(width="420px"))
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            fig = falcon_view(explanations[choice.value], images, count)
+            plt.show()
+            plt.close(fig)
+
+    choice.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([choice, output])

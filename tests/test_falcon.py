@@ -133,3 +133,154 @@ def test_true_concepts_and_precision_on_a_hand_made_case():
     assert scores["P@1"] == pytest.approx(2 / 3)
     assert scores["R@5"] == pytest.approx((1 + 0 + 1) / 3)
     assert scores["P@min(k,#true)"] == pytest.approx((1 + 0 + 1) / 3)
+
+
+def test_synonyms_count_as_their_attribute_value_and_only_once():
+    from course_utils.data.captions import concept_names
+    from course_utils.explain.falcon import concept_precision
+
+    names = concept_names(ShapesWorld(n=1, seed=0).attribute_names)
+    assert names["hoop"] == {"ring"} and names["fading"] == {"gradient"} and names["plain"] == {"solid", "plain"}
+    predicted, truths = [["hoop", "ring", "red"], ["disc"], ["teal"]], [{"ring", "red"}, {"circle"}, {"navy"}]
+    plain = concept_precision(predicted, truths)
+    with_synonyms = concept_precision(predicted, truths, names=names)
+    assert plain["P@1"] == pytest.approx(0.0) and with_synonyms["P@1"] == pytest.approx(2 / 3)
+    # "hoop" and "ring" name one value: the top two words find one of the two true concepts
+    assert with_synonyms["P@min(k,#true)"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert with_synonyms["R@5"] == pytest.approx((2 / 2 + 1 + 0) / 3)
+
+
+def test_the_bar_and_the_background_style_are_concepts_but_no_distractor_is_not():
+    from course_utils.explain.falcon import true_concepts
+
+    world = ShapesWorld(n=1000, seed=0, distractor_p=0.3)
+    bar = (world.attributes["distractor"] == 1).nonzero().flatten()
+    no_bar = (world.attributes["distractor"] == 0).nonzero().flatten()
+    assert "bar" in true_concepts(world.attributes, world.attribute_names, bar)
+    assert "none" not in true_concepts(world.attributes, world.attribute_names, no_bar)
+    gradient = (world.attributes["background"] == world.attribute_names["background"].index("gradient")).nonzero()
+    assert "gradient" in true_concepts(world.attributes, world.attribute_names, gradient.flatten())
+
+
+class CornerEncoder(torch.nn.Module):
+    """h_0 = mean of the top-left quarter's red channel, h_1 = of the top half: Grad-CAM of h_0 lies in the
+    top-left quarter, the intersection of both maps too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Identity()
+
+    def forward(self, x):
+        x = self.layer(x)
+        side = x.shape[-1]
+        return torch.stack([x[:, 0, : side // 2, : side // 2].mean((1, 2)), x[:, 0, : side // 2].mean((1, 2))], 1)
+
+
+def test_gradcam_crops_zoom_into_where_the_feature_looks():
+    from course_utils.explain.falcon import gradcam_crops
+
+    images = torch.zeros(2, 3, 16, 16)
+    images[:, 0, :8, :8] = 1.0  # a red top-left quarter
+    encoder = CornerEncoder()
+    crops = gradcam_crops(encoder, encoder.layer, images, 0)
+    assert crops.shape == images.shape and torch.allclose(crops[:, 0], torch.ones(2, 16, 16))
+    group = gradcam_crops(encoder, encoder.layer, images, [0, 1])
+    assert torch.allclose(group[:, 0], torch.ones(2, 16, 16))
+    with pytest.raises(ValueError, match="at least one feature"):
+        gradcam_crops(encoder, encoder.layer, images, [])
+
+
+def test_explain_feature_captions_the_given_high_embeddings_instead_of_the_whole_images():
+    world = ShapesWorld(n=600, seed=0)
+    g = torch.Generator().manual_seed(0)
+    H = torch.rand(len(world), 16, generator=g)
+    red = world.attributes["color"] == world.attribute_names["color"].index("red")
+    H[red, 7] += 4.0
+    captions = caption_set(world.attribute_names, n=3000, seed=0)
+    vlm = AttributeVLM(world)
+    images, texts = vlm.images(), vlm.texts(captions)
+    blue = vlm.texts(["blue"])[0]  # as if every crop showed only something blue
+    seen = []
+
+    def as_blue(high):
+        seen.append(high)
+        return blue.expand(len(high), -1)
+
+    explanation = explain_feature(H, 7, images, texts, captions, contrastive=False, high_embeddings=as_blue)
+    assert torch.equal(seen[0], explanation.high)
+    assert explanation.scores["blue"] == max(explanation.scores.values()) and "red" not in explanation.scores
+
+
+def test_feature_groups_follow_algorithm_1_of_the_thesis():
+    from course_utils.explain.falcon import explainable_share, feature_groups, normalise
+
+    g = torch.Generator().manual_seed(2)
+    H = 0.05 + 0.01 * torch.rand(300, 10, generator=g)  # no feature stands out (normalised ≈ 0.32 each)
+    H[:40, [2, 5]] += 3.0  # 40 images activate exactly {2, 5}
+    H[40:70, 7] += 3.0  # 30 images activate exactly {7}
+    H[70:75, 1] += 3.0  # too few images for a group
+    embeddings = torch.randn(300, 6, generator=g)
+    embeddings[:40] = torch.tensor([1.0, 0, 0, 0, 0, 0]) + 0.01 * embeddings[:40]  # the {2, 5} images look alike
+    alpha = 0.5
+    groups = feature_groups(H, embeddings, alpha, min_images=10, gamma=0.8)
+    # independent: the exact active sets, counted
+    active = normalise(H) > alpha
+    counts = {}
+    for row in active.tolist():
+        key = tuple(i for i, on in enumerate(row) if on)
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    assert {grp.features: len(grp.images) for grp in groups} == {k: v for k, v in counts.items() if v > 10}
+    assert [grp.features for grp in groups] == [(2, 5), (7,)]  # largest first
+    assert groups[0].interpretable and not groups[1].interpretable
+    assert groups[0].similarity == pytest.approx(1.0, abs=1e-3)
+    share = explainable_share(H, groups, alpha, min_images=10)
+    assert share["single features"] == pytest.approx(3 / 10)  # features 2, 5 and 7 fire on > 10 images
+    assert share["features in interpretable groups"] == pytest.approx(2 / 10)
+    assert share["either"] == pytest.approx(3 / 10)
+    with pytest.raises(ValueError, match="one VLM embedding per image"):
+        feature_groups(H, embeddings[:10], alpha)
+
+
+def test_a_group_is_highly_active_only_where_all_its_features_are():
+    H = torch.zeros(6, 4) + 0.1
+    H[:3, 0] = 5.0
+    H[1:4, 1] = 5.0
+    both = highly_activating(H, [0, 1], alpha=0.5)
+    assert sorted(both.tolist()) == [1, 2]
+    low = lowly_activating(H, [0, 1], both, beta=-1.0)
+    assert set(low.tolist()) == {4, 5}  # both features below their means
+    with pytest.raises(ValueError, match="non-empty group"):
+        highly_activating(H, [], alpha=0.5)
+
+
+def test_evaluation_scores_a_planted_feature_and_the_frequency_baseline():
+    from course_utils.data.captions import concept_names
+    from course_utils.explain.falcon import evaluate_features, frequency_concepts
+
+    world = ShapesWorld(n=600, seed=0)
+    g = torch.Generator().manual_seed(0)
+    H = torch.rand(len(world), 16, generator=g)
+    red = world.attributes["color"] == world.attribute_names["color"].index("red")
+    H[red, 7] += 4.0
+    captions = caption_set(world.attribute_names, n=3000, seed=0)
+    vlm = AttributeVLM(world)
+    images, texts = vlm.images(), vlm.texts(captions)
+    result = evaluate_features(H, images, texts, captions, world.attributes, world.attribute_names,
+                               concept_names(world.attribute_names))
+    assert [e.feature for e in result.explanations] == [7]  # the only feature above α on > 10 images
+    assert "red" in result.truths[0] and result.falcon["P@1"] == 1.0
+    words = frequency_concepts(images[red], texts, captions)
+    assert words[0] == "red"  # every retrieved caption of a red image mentions red
+
+
+def test_templated_captions_name_every_attribute():
+    from course_utils.data.captions import templated_caption_set
+
+    names = ShapesWorld(n=1, seed=0).attribute_names
+    captions = templated_caption_set(names, n=500, unrelated_share=0.2, seed=0)
+    assert len(captions) == len(set(captions)) == 500
+    templated = [c for c in captions if c.endswith(" background")]
+    assert len(templated) == 400
+    assert all(len(set(c.split()) & set(names["shape"])) == 1 and len(set(c.split()) & set(names["color"])) == 1
+               for c in templated)

@@ -126,3 +126,22 @@ def test_top_activating_returns_the_strongest_samples_of_a_feature():
     with pytest.raises(ValueError, match="out of range"):
         top_activating(H, 3)
     assert feature_browser(H, torch.rand(5, 3, 8, 8), count=2).children
+
+
+def test_falcon_view_and_browser_show_an_explanation():
+    from course_utils.explain.falcon import FeatureExplanation
+    from course_utils.plots import word_score_plot
+    from course_utils.widgets import falcon_browser, falcon_view
+
+    explanation = FeatureExplanation(3, ["red", "star"], {"shape": 0.9, "red": 0.8, "star": 0.5}, torch.arange(5),
+                                     torch.arange(5, 8), {"shape": 0.7}, ["shape"])
+    fig = falcon_view(explanation, torch.rand(10, 3, 8, 8), count=4)
+    assert "red, star" in fig._suptitle.get_text()
+    matplotlib.pyplot.close(fig)
+    fig, ax = word_score_plot(explanation.scores, explanation.discarded)
+    bars = {label.get_text(): patch for label, patch in zip(ax.get_yticklabels(), ax.patches)}
+    assert bars["shape"].get_hatch() == "//" and bars["red"].get_hatch() is None
+    matplotlib.pyplot.close(fig)
+    assert falcon_browser([explanation], torch.rand(10, 3, 8, 8)).children
+    with pytest.raises(ValueError, match="no explanations"):
+        falcon_browser([], torch.rand(10, 3, 8, 8))

@@ -12,6 +12,7 @@ and the set S also holds captions about unrelated scenes, so retrieval is not tr
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Mapping
@@ -138,6 +139,48 @@ def caption_set(attribute_names: Mapping[str, list[str]], n: int = 24_000, unrel
     max_unrelated = len(_UNRELATED_ADJECTIVES) * len(_UNRELATED_SUBJECTS) * len(_UNRELATED_PLACES)
     if n - related_target > max_unrelated:
         raise ValueError(f"at most {max_unrelated} distinct unrelated captions exist; lower unrelated_share")
+    while len(unrelated) < n - related_target:
+        unrelated.add(unrelated_caption(rng))
+    return sorted(related | unrelated)
+
+
+def concept_names(attribute_names: Mapping[str, list[str]]) -> dict[str, set[str]]:
+    """Which attribute values a caption word can name: "hoop" -> {"ring"}, "fading" -> {"gradient"},
+    "plain" -> {"solid", "plain"} (a texture and a background style), "bar" -> {"bar"}.
+
+    Colour and shape names name themselves; the words of multi-word synonyms ("round dot", "plus sign")
+    each name their value.  FALCON's automatic evaluation scores a concept word as correct when one of its
+    values is a true concept of the feature.
+    """
+    names: dict[str, set[str]] = {}
+    for table in (SHAPE_WORDS, TEXTURE_WORDS, SIZE_WORDS, BACKGROUND_WORDS):
+        for value, phrases in table.items():
+            for phrase in [value, *phrases]:
+                for word in phrase.replace("-", " ").split():
+                    names.setdefault(word, set()).add(value)
+    for key in ("color", "background_color"):
+        for value in attribute_names[key]:
+            names.setdefault(value, set()).add(value)
+    names.setdefault("bar", set()).add("bar")
+    return names
+
+
+def templated_caption_set(attribute_names: Mapping[str, list[str]], n: int = 24_000, unrelated_share: float = 0.15,
+                          seed: int = 0) -> list[str]:
+    """A caption set of one fixed template that names every attribute ("a small red striped star on a noisy
+    navy background"), with the same share of unrelated captions as ``caption_set``: the contrast that shows
+    why caption variety matters for eq. 4.1."""
+    rng = random.Random(seed)
+    related_target = n - round(n * unrelated_share)
+    keys = ("size", "color", "texture", "shape", "background", "background_color")
+    if related_target > math.prod(len(attribute_names[k]) for k in keys):
+        raise ValueError(f"the template has fewer than {related_target} distinct captions; lower n")
+    related: set[str] = set()
+    while len(related) < related_target:
+        v = {key: rng.choice(attribute_names[key]) for key in keys}
+        related.add(f"a {v['size']} {v['color']} {v['texture']} {v['shape']} on a {v['background']} "
+                    f"{v['background_color']} background")
+    unrelated: set[str] = set()
     while len(unrelated) < n - related_target:
         unrelated.add(unrelated_caption(rng))
     return sorted(related | unrelated)

@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from course_utils.vlm import words
+from course_utils.vlm import top_captions, words
 
 NON_CONCEPTS = frozenset({"photo", "picture", "image", "background", "backdrop", "shape", "object", "thing",
                           "next", "beside", "size", "texture", "colour", "color", "sized"})
@@ -108,35 +109,48 @@ def activation_threshold(H: torch.Tensor, k: float = 5.0) -> float:
     return (values.mean() + k * values.std()).item()
 
 
-def highly_activating(H: torch.Tensor, feature: int, alpha: float) -> torch.Tensor:
-    """T_i = {j : h_ji > α} on L2-normalised H, as image indices sorted by activation (highest first)."""
+Features = int | Sequence[int]
+
+
+def _feature_list(feature: Features, r: int) -> list[int]:
+    group = [feature] if isinstance(feature, int) else [int(f) for f in feature]
+    if not group or any(not 0 <= f < r for f in group):
+        raise ValueError(f"feature {feature} is out of range for r = {r} (give an index or a non-empty group)")
+    return group
+
+
+def highly_activating(H: torch.Tensor, feature: Features, alpha: float) -> torch.Tensor:
+    """T_i = {j : h_ji > α} on L2-normalised H, as image indices sorted by activation (highest first).
+
+    For a feature group, the images where every feature of the group exceeds α (sorted by the weakest)."""
     values = normalise(H)
-    if not 0 <= feature < values.shape[1]:
-        raise ValueError(f"feature {feature} is out of range for r = {values.shape[1]}")
-    column = values[:, feature]
+    group = _feature_list(feature, values.shape[1])
+    column = values[:, group].min(1).values
     chosen = (column > alpha).nonzero().flatten()
     return chosen[column[chosen].argsort(descending=True)]
 
 
-def lowly_activating(H: torch.Tensor, feature: int, high_idx: torch.Tensor, beta: float = 0.7,
+def lowly_activating(H: torch.Tensor, feature: Features, high_idx: torch.Tensor, beta: float = 0.7,
                      eps: float | None = None, max_images: int | None = None) -> torch.Tensor:
     """Eq. 4.2: images where feature i is low but which otherwise resemble its highly activating ones.
 
         {j : h_ji < ε, h_{j,V_i} · h^μ >= β},   h^μ = mean over T_i of h without feature i,
 
     on L2-normalised H; ε defaults to the feature's mean over the population.  Sorted by similarity to
-    h^μ (highest first) and cut to ``max_images``.
+    h^μ (highest first) and cut to ``max_images``.  For a feature group (thesis 4.3) every feature of the
+    group must be below its own mean, and V_i leaves out the whole group.
     """
     values = normalise(H)
+    group = _feature_list(feature, values.shape[1])
     if len(high_idx) == 0:
         raise ValueError("the highly activating set is empty: nothing to contrast with")
-    column = values[:, feature]
-    eps = column.mean().item() if eps is None else eps
+    columns = values[:, group]
+    eps_values = columns.mean(0) if eps is None else torch.full((len(group),), float(eps))
     others = torch.ones(values.shape[1], dtype=torch.bool)
-    others[feature] = False
+    others[group] = False
     centre = values[high_idx][:, others].mean(0)  # h^μ
     similarity = values[:, others] @ centre
-    chosen = ((column < eps) & (similarity >= beta)).nonzero().flatten()
+    chosen = ((columns < eps_values).all(1) & (similarity >= beta)).nonzero().flatten()
     chosen = chosen[similarity[chosen].argsort(descending=True)]
     return chosen if max_images is None else chosen[:max_images]
 
@@ -169,11 +183,42 @@ def crop_images(images: torch.Tensor, saliency: torch.Tensor, threshold: float =
     return torch.stack(crops)
 
 
+def gradcam_crops(encoder: nn.Module, layer: nn.Module, images: torch.Tensor, features: int | Sequence[int],
+                  threshold: float = 0.6, batch_size: int = 256) -> torch.Tensor:
+    """The images cropped to where ``encoder``'s feature(s) look (step 2 of FALCON).
+
+    Each image is cropped to the largest box where the Grad-CAM map of feature h_i is >= ``threshold`` of its
+    maximum, and resized back.  For a feature group the maps, each scaled to a maximum of 1, are intersected
+    (element-wise minimum), so the box covers what all features of the group look at.
+
+    Args:
+        encoder: maps images to h [B, r]; layer: its feature-map layer for Grad-CAM (e.g. ``encoder.layer3``).
+        images: float [B, 3, H, W] in [0, 1] (on the encoder's device).
+        features: one feature index or a group of them.
+    Returns:
+        float [B, 3, H, W] crops on the CPU.
+    """
+    from course_utils.explain.gradcam import feature, gradcam
+
+    group = [features] if isinstance(features, int) else list(features)
+    if not group:
+        raise ValueError("give at least one feature to crop for")
+    crops = []
+    for batch in images.split(batch_size):
+        maps = None
+        for index in group:
+            cam = gradcam(encoder, layer, batch, feature(index)).cpu()
+            cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+            maps = cam if maps is None else torch.minimum(maps, cam)
+        crops.append(crop_images(batch.cpu(), maps, threshold))
+    return torch.cat(crops)
+
+
 @dataclass
 class FeatureExplanation:
     """FALCON's explanation of one feature (or feature group)."""
 
-    feature: int | tuple[int, ...]
+    feature: int | tuple[int, ...]  # a feature or a feature group
     concepts: list[str]  # ranked, after the contrastive discard
     scores: dict[str, float]  # WS of every word of the highly activating images' captions
     high: torch.Tensor  # indices of T_i
@@ -183,12 +228,14 @@ class FeatureExplanation:
 
 
 def explain_feature(
-    H: torch.Tensor, feature: int, image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor,
+    H: torch.Tensor, feature: Features, image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor,
     captions: Sequence[str], alpha: float | None = None, top_k: int = 5, min_images: int = 10,
     discard: Sequence[str] = NON_CONCEPTS, contrastive: bool = True, beta: float = 0.7, max_low: int = 50,
     low_top_words: int = 3, min_score: float = 0.0, n_concepts: int = 5,
+    high_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureExplanation | None:
-    """Explain feature ``feature`` of H [N, r] by the captions of its highly activating images.
+    """Explain feature ``feature`` of H [N, r] (or a feature group, a sequence of indices) by the captions of
+    its highly activating images.
 
     Args:
         image_embeddings: VLM embeddings [N, d] of the probe images (crops, when Grad-CAM cropping is used).
@@ -198,16 +245,19 @@ def explain_feature(
         contrastive: drop the top ``low_top_words`` words of the lowly activating set (at most ``max_low``
             images, similarity β) from the concepts.
         min_score: keep words with WS >= this (thesis: 0.08 for its CLIP; tune per VLM).
+        high_embeddings: optional function from the indices of T_i to the VLM embeddings [|T_i|, d] FALCON
+            should caption instead of their rows of ``image_embeddings``, e.g. of their Grad-CAM crops
+            (``gradcam_crops``).  The lowly activating images are always seen whole: the feature is silent
+            there, so its map would not say where to look.
     Returns:
         ``FeatureExplanation``, or None when |T_i| <= min_images.
     """
-    from course_utils.vlm import top_captions
-
     alpha = activation_threshold(H) if alpha is None else alpha
     high = highly_activating(H, feature, alpha)
     if len(high) <= min_images:
         return None
-    values, indices = top_captions(image_embeddings[high], caption_embeddings, top_k)
+    seen = image_embeddings[high] if high_embeddings is None else high_embeddings(high)
+    values, indices = top_captions(seen, caption_embeddings, top_k)
     scores = word_scores_from_top(values, indices, captions, discard)
     low = torch.zeros(0, dtype=torch.long)
     low_scores: dict[str, float] = {}
@@ -219,7 +269,68 @@ def explain_feature(
             low_scores = word_scores_from_top(low_values, low_indices, captions, discard)
             dropped = list(low_scores)[:low_top_words]
     concepts = [w for w, s in scores.items() if s >= min_score and w not in dropped][:n_concepts]
-    return FeatureExplanation(feature, concepts, scores, high, low, low_scores, dropped)
+    name = feature if isinstance(feature, int) else tuple(int(f) for f in feature)
+    return FeatureExplanation(name, concepts, scores, high, low, low_scores, dropped)
+
+
+def frequency_concepts(image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor, captions: Sequence[str],
+                       top_k: int = 5, discard: Sequence[str] = NON_CONCEPTS, n_concepts: int = 5) -> list[str]:
+    """The baseline FALCON must beat: the words that occur most often in the images' top-k captions
+    (ties broken alphabetically).
+
+    Args:
+        image_embeddings: VLM embeddings [n, d] of the images to describe (e.g. T_i).
+    """
+    _, indices = top_captions(image_embeddings, caption_embeddings, top_k)
+    counts: dict[str, int] = defaultdict(int)
+    for row in indices.tolist():
+        for index in row:
+            for word in caption_words(captions[index], discard):
+                counts[word] += 1
+    return [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))][:n_concepts]
+
+
+@dataclass
+class Evaluation:
+    """FALCON against ShapesWorld's ground truth over the explained features."""
+
+    explanations: list[FeatureExplanation]
+    truths: list[set[str]]  # true concepts of each explanation's T_i
+    baseline: list[list[str]]  # the frequency baseline's words for the same T_i
+    falcon: dict[str, float]  # concept_precision of FALCON's concepts
+    frequency: dict[str, float]  # concept_precision of the baseline
+
+
+def evaluate_features(H: torch.Tensor, image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor,
+                      captions: Sequence[str], attributes: dict[str, torch.Tensor],
+                      attribute_names: dict[str, list[str]], names: dict[str, set[str]],
+                      features: Sequence[Features] | None = None, k: int = 5, **explain_options) -> Evaluation:
+    """Explain every feature with more than ``min_images`` highly activating images (or the given features
+    or groups) and score the concepts against the probe set's attributes (``true_concepts``), beside the
+    frequency baseline on the same images.
+
+    Args:
+        H [N, r], image_embeddings [N, d]: the probe set; attributes/attribute_names: its ground truth.
+        names: word -> attribute values (``captions.concept_names``).
+        explain_options: passed to ``explain_feature`` (alpha, contrastive, beta, max_low, discard, …).
+    """
+    candidates = range(H.shape[1]) if features is None else features
+    explanations, truths, baseline = [], [], []
+    discard = explain_options.get("discard", NON_CONCEPTS)
+    for feature in candidates:
+        explanation = explain_feature(H, feature, image_embeddings, caption_embeddings, captions, **explain_options)
+        if explanation is None:
+            continue
+        explanations.append(explanation)
+        truths.append(true_concepts(attributes, attribute_names, explanation.high))
+        seen = image_embeddings[explanation.high] if explain_options.get("high_embeddings") is None \
+            else explain_options["high_embeddings"](explanation.high)
+        baseline.append(frequency_concepts(seen, caption_embeddings, captions, discard=discard))
+    if not explanations:
+        raise ValueError("no feature has more than min_images highly activating images; lower alpha")
+    return Evaluation(explanations, truths, baseline,
+                      concept_precision([e.concepts for e in explanations], truths, k, names),
+                      concept_precision(baseline, truths, k, names))
 
 
 def failure_features(h: torch.Tensor, head_weight: torch.Tensor, predicted: int, top: int = 3) -> torch.Tensor:
@@ -263,39 +374,76 @@ def inherited_features(Z: torch.Tensor, k: float = 4.0) -> dict[int, list[int]]:
     return {t: (Z[t] > threshold).nonzero().flatten().tolist() for t in range(Z.shape[0]) if (Z[t] > threshold).any()}
 
 
-def feature_groups(H: torch.Tensor, features: Sequence[int], image_embeddings: torch.Tensor, alpha: float,
-                   min_images: int = 10, gamma: float = 0.8) -> list[tuple[tuple[int, int], torch.Tensor]]:
-    """Pairs of features that are highly active together on more than ``min_images`` images whose VLM
-    embeddings are alike (mean pairwise cosine > γ): explained together as a group.
+@dataclass
+class FeatureGroup:
+    """A set of features that are highly active together (thesis Algorithm 1)."""
 
+    features: tuple[int, ...]
+    images: torch.Tensor  # indices of the images whose highly activating features are exactly this set
+    similarity: float  # average VLM cosine similarity between those images
+    interpretable: bool  # similarity > γ
+
+
+def feature_groups(H: torch.Tensor, image_embeddings: torch.Tensor, alpha: float, min_images: int = 10,
+                   gamma: float = 0.8) -> list[FeatureGroup]:
+    """Thesis Algorithm 1: group the images by the exact set of features above α they activate; every set
+    shared by more than ``min_images`` images is a feature group, interpretable when the average VLM cosine
+    similarity of its images (the mean of their full similarity matrix, diagonal included) exceeds γ.
+
+    Args:
+        H: representations [N, r]; image_embeddings: VLM embeddings [N, d] of the same images.
     Returns:
-        [((i, j), joint image indices)] sorted by the number of joint images.
+        the groups with more than ``min_images`` images, largest first.
     """
-    sets = {f: set(highly_activating(H, f, alpha).tolist()) for f in features}
+    if image_embeddings.shape[0] != H.shape[0]:
+        raise ValueError(f"need one VLM embedding per image: H has {H.shape[0]} rows, the embeddings "
+                         f"{image_embeddings.shape[0]}")
+    active = normalise(H) > alpha
+    members: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for j, row in enumerate(active.tolist()):
+        group = tuple(i for i, on in enumerate(row) if on)
+        if group:
+            members[group].append(j)
     groups = []
-    ordered = list(features)
-    for a, first in enumerate(ordered):
-        for second in ordered[a + 1:]:
-            joint = sorted(sets[first] & sets[second])
-            if len(joint) <= min_images:
-                continue
-            embeddings = F.normalize(image_embeddings[joint].float(), dim=1)
-            similarity = embeddings @ embeddings.T
-            mean_off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (len(joint) * (len(joint) - 1))
-            if mean_off_diagonal > gamma:
-                groups.append(((first, second), torch.tensor(joint)))
-    return sorted(groups, key=lambda item: -len(item[1]))
+    embeddings = F.normalize(image_embeddings.float(), dim=1)
+    for group, images in members.items():
+        if len(images) <= min_images:
+            continue
+        chosen = embeddings[images]
+        similarity = (chosen @ chosen.T).mean().item()
+        groups.append(FeatureGroup(group, torch.tensor(images), similarity, similarity > gamma))
+    return sorted(groups, key=lambda g: (-len(g.images), g.features))
+
+
+def explainable_share(H: torch.Tensor, groups: Sequence[FeatureGroup], alpha: float,
+                      min_images: int = 10) -> dict[str, float]:
+    """How much of the representation FALCON can explain: the share of the r features with more than
+    ``min_images`` highly activating images (single features), the share that belongs to an interpretable
+    feature group of any size, and the share that is either."""
+    r = H.shape[1]
+    active = (normalise(H) > alpha).sum(0)
+    single = (active > min_images).float().mean().item()
+    single_set = set((active > min_images).nonzero().flatten().tolist())
+    in_groups = {f for g in groups if g.interpretable for f in g.features}
+    return {"single features": single, "features in interpretable groups": len(in_groups) / r,
+            "either": len(single_set | in_groups) / r,
+            "interpretable groups": sum(g.interpretable for g in groups), "groups": len(groups)}
+
+
+TRUTH_KEYS = ("shape", "color", "texture", "size", "background", "background_color", "distractor")
 
 
 def true_concepts(attributes: dict[str, torch.Tensor], attribute_names: dict[str, list[str]], images: torch.Tensor,
-                  min_share: float = 0.5, enrichment: float = 2.0,
-                  keys: Sequence[str] = ("shape", "color", "texture", "size", "background_color")) -> set[str]:
+                  min_share: float = 0.5, enrichment: float = 2.0, keys: Sequence[str] = TRUTH_KEYS) -> set[str]:
     """The ground-truth concepts of a set of probe images (ShapesWorld attributes): attribute values present
-    in at least ``min_share`` of them and at least ``enrichment`` times as often as in the whole probe set."""
+    in at least ``min_share`` of them and at least ``enrichment`` times as often as in the whole probe set.
+    The distractor's value "bar" is a concept, its absence ("none") is not."""
     truth = set()
     for key in keys:
         values = attributes[key]
         for index, name in enumerate(attribute_names[key]):
+            if name == "none":
+                continue
             overall = (values == index).float().mean().item()
             share = (values[images] == index).float().mean().item()
             if share >= min_share and share >= enrichment * overall and overall > 0:
@@ -303,14 +451,26 @@ def true_concepts(attributes: dict[str, torch.Tensor], attribute_names: dict[str
     return truth
 
 
-def concept_precision(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]], k: int = 5) -> dict[str, float]:
-    """P@1, precision over the top min(k, #true) and recall@k of ranked concepts against true concept sets,
-    averaged over the features that have at least one true concept, each next to its ceiling."""
+def concept_precision(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]], k: int = 5,
+                      names: dict[str, set[str]] | None = None) -> dict[str, float]:
+    """P@1, precision over the top min(k, #true) and recall@k of ranked concept words against true concept
+    sets, averaged over the features that have at least one true concept, each next to its ceiling.
+
+    Args:
+        predicted: per feature, its concept words, best first.
+        truths: per feature, its true attribute values (``true_concepts``).
+        names: word -> the attribute values it names (``captions.concept_names``: synonyms such as
+            "hoop" -> ring); without it a word must equal a value.  Two synonyms of one value count once.
+    """
     rows = [(list(p), t) for p, t in zip(predicted, truths) if t]
     if not rows:
         raise ValueError("no feature has a true concept: nothing to score")
-    p_at_1 = sum(bool(p) and p[0] in t for p, t in rows) / len(rows)
-    p_at_true = sum(len(set(p[:min(k, len(t))]) & t) / min(k, len(t)) for p, t in rows) / len(rows)
-    recall = sum(len(set(p[:k]) & t) / len(t) for p, t in rows) / len(rows)
+
+    def hits(words: list[str], truth: set[str]) -> set[str]:
+        return {value for w in words for value in (names.get(w, set()) if names else {w})} & truth
+
+    p_at_1 = sum(bool(hits(p[:1], t)) for p, t in rows) / len(rows)
+    p_at_true = sum(len(hits(p[:min(k, len(t))], t)) / min(k, len(t)) for p, t in rows) / len(rows)
+    recall = sum(len(hits(p[:k], t)) / len(t) for p, t in rows) / len(rows)
     return {"features scored": len(rows), "P@1": p_at_1, "P@min(k,#true)": p_at_true, f"R@{k}": recall,
             "P@1 ceiling": 1.0, f"P@{k} ceiling": sum(min(k, len(t)) / k for _, t in rows) / len(rows)}
