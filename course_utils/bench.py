@@ -181,10 +181,14 @@ def bench_training(quick: bool) -> list[BenchRow]:
     course = _course_pairs_per_s(world, batch_size, "auto", True, cpu)
     fp32 = _course_pairs_per_s(world, batch_size, "fp32", False, cpu)
     workload = f"ResNet-10 w32, batch {batch_size}, 32 px, {steps} steps"
+    return _training_rows("SimCLR training", workload, course, tutorial, fp32, "~3.5x on avx512_bf16/AMX")
+
+
+def _training_rows(name: str, workload: str, course: float, tutorial: float, fp32: float,
+                   precision_target: str) -> list[BenchRow]:
     return [
-        BenchRow("SimCLR training (course vs tutorial)", workload, "pairs/s", course, tutorial, ">= 3x"),
-        BenchRow("SimCLR training (bf16+channels_last vs fp32)", workload, "pairs/s", course, fp32,
-                 "~3.5x on avx512_bf16/AMX"),
+        BenchRow(f"{name} (course vs tutorial)", workload, "pairs/s", course, tutorial, ">= 3x"),
+        BenchRow(f"{name} (bf16+channels_last vs fp32)", workload, "pairs/s", course, fp32, precision_target),
     ]
 
 
@@ -203,11 +207,7 @@ def bench_training_gpu(quick: bool) -> list[BenchRow]:
     fp32 = _course_pairs_per_s(world, batch_size, "fp32", False, device, 18, 64)
     tutorial = _tutorial_pairs_per_s(world, batch_size, steps, device, 18, 64, num_workers=8)
     workload = f"ResNet-18 w64, batch {batch_size}, 32 px, {steps} steps, {torch.cuda.get_device_name(device)}"
-    return [
-        BenchRow("SimCLR training on GPU (course vs tutorial)", workload, "pairs/s", course, tutorial, ">= 3x"),
-        BenchRow("SimCLR training on GPU (bf16+channels_last vs fp32)", workload, "pairs/s", course, fp32,
-                 "faster"),
-    ]
+    return _training_rows("SimCLR training on GPU", workload, course, tutorial, fp32, "faster")
 
 
 def bench_relax(quick: bool) -> list[BenchRow]:

@@ -88,8 +88,9 @@ class AttributeVLM:
         return F.normalize(rows, dim=1)
 
 
-@pytest.mark.parametrize("contrastive", [False, True])
-def test_a_planted_red_feature_is_named_red_first(contrastive):
+@pytest.fixture(scope="module")
+def planted():
+    """A representation whose feature 7 fires for red objects, the captions and the stand-in VLM."""
     world = ShapesWorld(n=600, seed=0)
     g = torch.Generator().manual_seed(0)
     H = torch.rand(len(world), 16, generator=g)
@@ -97,6 +98,12 @@ def test_a_planted_red_feature_is_named_red_first(contrastive):
     H[red, 7] += 4.0
     captions = caption_set(world.attribute_names, n=3000, seed=0)
     vlm = AttributeVLM(world)
+    return world, H, red, captions, vlm
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_a_planted_red_feature_is_named_red_first(contrastive, planted):
+    world, H, red, captions, vlm = planted
     explanation = explain_feature(H, 7, vlm.images(), vlm.texts(captions), captions, contrastive=contrastive)
     assert explanation is not None and explanation.concepts[0] == "red"
     assert set(explanation.high.tolist()) <= set(red.nonzero().flatten().tolist())
@@ -190,14 +197,8 @@ def test_gradcam_crops_zoom_into_where_the_feature_looks():
         gradcam_crops(encoder, encoder.layer, images, [])
 
 
-def test_explain_feature_captions_the_given_high_embeddings_instead_of_the_whole_images():
-    world = ShapesWorld(n=600, seed=0)
-    g = torch.Generator().manual_seed(0)
-    H = torch.rand(len(world), 16, generator=g)
-    red = world.attributes["color"] == world.attribute_names["color"].index("red")
-    H[red, 7] += 4.0
-    captions = caption_set(world.attribute_names, n=3000, seed=0)
-    vlm = AttributeVLM(world)
+def test_explain_feature_captions_the_given_high_embeddings_instead_of_the_whole_images(planted):
+    world, H, red, captions, vlm = planted
     images, texts = vlm.images(), vlm.texts(captions)
     blue = vlm.texts(["blue"])[0]  # as if every crop showed only something blue
     seen = []
@@ -234,10 +235,13 @@ def test_feature_groups_follow_algorithm_1_of_the_thesis():
     assert [grp.features for grp in groups] == [(2, 5), (7,)]  # largest first
     assert groups[0].interpretable and not groups[1].interpretable
     assert groups[0].similarity == pytest.approx(1.0, abs=1e-3)
-    share = explainable_share(H, groups, alpha, min_images=10)
-    assert share["single features"] == pytest.approx(3 / 10)  # features 2, 5 and 7 fire on > 10 images
-    assert share["features in interpretable groups"] == pytest.approx(2 / 10)
-    assert share["either"] == pytest.approx(3 / 10)
+    share = explainable_share(H, embeddings, groups, alpha, min_images=10, gamma=0.8)
+    assert share["single features"] == pytest.approx(2 / 10)  # 2 and 5 fire on 40 alike images; 7 on unalike
+    assert share["features in interpretable groups"] == pytest.approx(2 / 10)  # the group {2, 5}
+    assert share["either"] == pytest.approx(2 / 10)
+    embeddings[:20] = torch.tensor([0, 1.0, 0, 0, 0, 0])  # the {2, 5} images now fall into two looks
+    groups = feature_groups(H, embeddings, alpha, min_images=10, gamma=0.8)
+    assert explainable_share(H, embeddings, groups, alpha, gamma=0.8)["either"] == 0.0
     with pytest.raises(ValueError, match="one VLM embedding per image"):
         feature_groups(H, embeddings[:10], alpha)
 
@@ -254,17 +258,11 @@ def test_a_group_is_highly_active_only_where_all_its_features_are():
         highly_activating(H, [], alpha=0.5)
 
 
-def test_evaluation_scores_a_planted_feature_and_the_frequency_baseline():
+def test_evaluation_scores_a_planted_feature_and_the_frequency_baseline(planted):
     from course_utils.data.captions import concept_names
     from course_utils.explain.falcon import evaluate_features, frequency_concepts
 
-    world = ShapesWorld(n=600, seed=0)
-    g = torch.Generator().manual_seed(0)
-    H = torch.rand(len(world), 16, generator=g)
-    red = world.attributes["color"] == world.attribute_names["color"].index("red")
-    H[red, 7] += 4.0
-    captions = caption_set(world.attribute_names, n=3000, seed=0)
-    vlm = AttributeVLM(world)
+    world, H, red, captions, vlm = planted
     images, texts = vlm.images(), vlm.texts(captions)
     result = evaluate_features(H, images, texts, captions, world.attributes, world.attribute_names,
                                concept_names(world.attribute_names))

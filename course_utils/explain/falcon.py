@@ -12,6 +12,10 @@ For feature i of L2-normalised representations H (SCIENCE.md section 5):
    get their own word scores, and their top words are discarded from the feature's concepts — what the
    feature shares with images where it is silent cannot be what it encodes.
 
+Beyond single features: feature groups (thesis Algorithm 1), failure explanations of a linear head, concept
+transfer through a linear map, and — because ShapesWorld knows every attribute — an automatic evaluation
+against ground truth (``evaluate_features``) beside a word-counting baseline.
+
 Words are lower-case alphabetic tokens minus English stop words (scikit-learn's list) and a discard set
 of non-concepts.  No part-of-speech filter is used: it would need a lexicon that is not installed
 offline, and the caption vocabulary here is small and clean.
@@ -244,7 +248,8 @@ def explain_feature(
         min_images: features with at most this many highly activating images are not explained (None returned).
         contrastive: drop the top ``low_top_words`` words of the lowly activating set (at most ``max_low``
             images, similarity β) from the concepts.
-        min_score: keep words with WS >= this (thesis: 0.08 for its CLIP; tune per VLM).
+        min_score: keep words with WS >= this (thesis: 0.08 for CLIP ViT-B-32).  The default 0 keeps every
+            word: the toy CLIP's retrieval similarities are about 0.75, so any cut-off that low is void.
         high_embeddings: optional function from the indices of T_i to the VLM embeddings [|T_i|, d] FALCON
             should caption instead of their rows of ``image_embeddings``, e.g. of their Grad-CAM crops
             (``gradcam_crops``).  The lowly activating images are always seen whole: the feature is silent
@@ -384,11 +389,24 @@ class FeatureGroup:
     interpretable: bool  # similarity > γ
 
 
+def set_similarity(image_embeddings: torch.Tensor, images: torch.Tensor) -> float:
+    """How alike a set of images looks to the VLM: the mean of the cosine-similarity matrix of their
+    embeddings, diagonal included (as Algorithm 1 of the thesis).
+
+    Args:
+        image_embeddings: [N, d]; images: indices into it.
+    """
+    if len(images) == 0:
+        raise ValueError("the image set is empty")
+    chosen = F.normalize(image_embeddings[images].float(), dim=1)
+    return (chosen @ chosen.T).mean().item()
+
+
 def feature_groups(H: torch.Tensor, image_embeddings: torch.Tensor, alpha: float, min_images: int = 10,
                    gamma: float = 0.8) -> list[FeatureGroup]:
     """Thesis Algorithm 1: group the images by the exact set of features above α they activate; every set
     shared by more than ``min_images`` images is a feature group, interpretable when the average VLM cosine
-    similarity of its images (the mean of their full similarity matrix, diagonal included) exceeds γ.
+    similarity of its images (``set_similarity``) exceeds γ.
 
     Args:
         H: representations [N, r]; image_embeddings: VLM embeddings [N, d] of the same images.
@@ -405,28 +423,25 @@ def feature_groups(H: torch.Tensor, image_embeddings: torch.Tensor, alpha: float
         if group:
             members[group].append(j)
     groups = []
-    embeddings = F.normalize(image_embeddings.float(), dim=1)
     for group, images in members.items():
-        if len(images) <= min_images:
-            continue
-        chosen = embeddings[images]
-        similarity = (chosen @ chosen.T).mean().item()
-        groups.append(FeatureGroup(group, torch.tensor(images), similarity, similarity > gamma))
+        if len(images) > min_images:
+            similarity = set_similarity(image_embeddings, torch.tensor(images))
+            groups.append(FeatureGroup(group, torch.tensor(images), similarity, similarity > gamma))
     return sorted(groups, key=lambda g: (-len(g.images), g.features))
 
 
-def explainable_share(H: torch.Tensor, groups: Sequence[FeatureGroup], alpha: float,
-                      min_images: int = 10) -> dict[str, float]:
-    """How much of the representation FALCON can explain: the share of the r features with more than
-    ``min_images`` highly activating images (single features), the share that belongs to an interpretable
-    feature group of any size, and the share that is either."""
+def explainable_share(H: torch.Tensor, image_embeddings: torch.Tensor, groups: Sequence[FeatureGroup], alpha: float,
+                      min_images: int = 10, gamma: float = 0.8) -> dict[str, float]:
+    """How much of the representation FALCON can explain, as shares of the r features: single features
+    whose highly activating set has more than ``min_images`` images that look alike (``set_similarity``
+    > γ, the test Algorithm 1 applies to groups), features in an interpretable group of two or more
+    features, and either."""
     r = H.shape[1]
-    active = (normalise(H) > alpha).sum(0)
-    single = (active > min_images).float().mean().item()
-    single_set = set((active > min_images).nonzero().flatten().tolist())
-    in_groups = {f for g in groups if g.interpretable for f in g.features}
-    return {"single features": single, "features in interpretable groups": len(in_groups) / r,
-            "either": len(single_set | in_groups) / r,
+    single = {f for f in range(r) if len(high := highly_activating(H, f, alpha)) > min_images
+              and set_similarity(image_embeddings, high) > gamma}
+    in_groups = {f for g in groups if g.interpretable and len(g.features) > 1 for f in g.features}
+    return {"single features": len(single) / r, "features in interpretable groups": len(in_groups) / r,
+            "either": len(single | in_groups) / r,
             "interpretable groups": sum(g.interpretable for g in groups), "groups": len(groups)}
 
 
