@@ -3,6 +3,9 @@
 * against ShapesWorld's masks: ``pointing_game``, ``mask_iou``;
 * against the model's score: ``deletion_auc`` / ``insertion_auc`` (Petsiuk et al. 2018, RISE) and
   ``average_drop_increase`` (Chattopadhay et al. 2018, Grad-CAM++);
+* the same for a pair of images explained together (Sammani et al.): ``pair_deletion_auc`` /
+  ``pair_insertion_auc`` (simultaneous or conditional), ``pair_average_drop_increase``, and the stability
+  score ``max_sensitivity``;
 * a sanity check (Adebayo et al. 2018): ``model_randomisation`` re-initialises the model from the
   top layer down and measures how much the maps change (a map that does not change does not
   explain the model);
@@ -157,13 +160,19 @@ def _perturbation_curve(score_fn: ScoreFn, images: torch.Tensor, saliency: torch
                          "one [H, W] map per image [3, H, W]")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    n_images, n_pixels = saliency.shape[0], saliency[0].numel()
-    rank = _ranks(saliency).view_as(saliency).to(images.device)
-    counts = torch.linspace(0, n_pixels, steps + 1).round().long().to(images.device)  # pixels switched per step
-    switched = rank[:, None] < counts[None, :, None, None]  # [B, steps + 1, H, W]
-    mixed = torch.where(switched[:, :, None], end[:, None], start[:, None])  # [B, steps + 1, 3, H, W]
+    mixed = _switched(saliency, steps, start, end)
     rows = None if target is None else target.repeat_interleave(steps + 1)
-    return _scores(score_fn, mixed.flatten(0, 1), rows, batch_size).view(n_images, steps + 1)
+    return _scores(score_fn, mixed.flatten(0, 1), rows, batch_size).view(saliency.shape[0], steps + 1)
+
+
+def _switched(saliency: torch.Tensor, steps: int, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """The images while their most salient pixels switch from ``start`` to ``end`` in ``steps`` equal steps:
+    saliency [B, H, W], start/end [B, 3, H, W] -> [B, steps + 1, 3, H, W]."""
+    n_pixels = saliency[0].numel()
+    rank = _ranks(saliency).view_as(saliency).to(start.device)
+    counts = torch.linspace(0, n_pixels, steps + 1).round().long().to(start.device)  # pixels switched per step
+    switched = rank[:, None] < counts[None, :, None, None]  # [B, steps + 1, H, W]
+    return torch.where(switched[:, :, None], end[:, None], start[:, None])
 
 
 def _auc(curve: torch.Tensor) -> torch.Tensor:
@@ -219,6 +228,129 @@ def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: tor
     drop = ((full - masked).clamp(min=0) / full).mean().item() * 100
     increase = (masked > full).float().mean().item() * 100
     return drop, increase
+
+
+PairScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a [N, 3, H, W], b [N, 3, H, W]) -> [N]
+PAIR_MODES = ("simultaneous", "conditional")
+
+
+def _check_pair_maps(x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor, map2: torch.Tensor, mode: str) -> None:
+    if mode not in PAIR_MODES:
+        raise ValueError(f"mode must be one of {PAIR_MODES}, got {mode!r}")
+    _check_maps(map1)
+    _check_maps(map2)
+    if x1.ndim != 4 or x1.shape != x2.shape or map1.shape != map2.shape or map1.shape != (x1.shape[0], *x1.shape[-2:]):
+        raise ValueError(f"need pairs x1, x2 [B, 3, H, W] and maps [B, H, W] for each, got {tuple(x1.shape)}, "
+                         f"{tuple(x2.shape)}, {tuple(map1.shape)}, {tuple(map2.shape)}")
+
+
+def _pair_scores(similarity_fn: PairScoreFn, a: torch.Tensor, b: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        scores = torch.cat([similarity_fn(a[i:i + batch_size], b[i:i + batch_size]).float().cpu()
+                            for i in range(0, len(a), batch_size)])
+    if scores.shape != (len(a),):
+        raise ValueError(f"similarity_fn must return one score per pair, shape [{len(a)}], got {tuple(scores.shape)}")
+    return scores
+
+
+def _pair_curve(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
+                map2: torch.Tensor, mode: str, steps: int, deletion: bool, baseline: str | float,
+                batch_size: int) -> torch.Tensor:
+    _check_pair_maps(x1, x2, map1, map2, mode)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+    def curve_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+        other = baseline_images(images, baseline)
+        start, end = (images, other) if deletion else (other, images)
+        return _switched(saliency, steps, start, end).flatten(0, 1)
+
+    first = curve_images(x1, map1)
+    second = curve_images(x2, map2) if mode == "simultaneous" else x2.repeat_interleave(steps + 1, dim=0)
+    return _pair_scores(similarity_fn, first, second, batch_size).view(x1.shape[0], steps + 1)
+
+
+def pair_deletion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
+                      map2: torch.Tensor, mode: str = "simultaneous", steps: int = 16, baseline: str | float = 0.0,
+                      batch_size: int = 512) -> torch.Tensor:
+    """Deletion AUC for pairs (Sammani et al.): the area under the pair similarity while the most salient
+    pixels are deleted first (lower = better maps).
+
+    Args:
+        similarity_fn: (images a, images b) -> similarities [N], e.g. cosine of projection outputs.
+        x1, x2: pairs [B, 3, H, W]; map1, map2: their maps [B, H, W].
+        mode: "simultaneous" deletes from both images, each by its own map; "conditional" deletes from x1
+            only while x2 stays whole (swap the arguments for the other direction).
+    Returns:
+        float [B].
+    """
+    return _auc(_pair_curve(similarity_fn, x1, x2, map1, map2, mode, steps, True, baseline, batch_size))
+
+
+def pair_insertion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
+                       map2: torch.Tensor, mode: str = "simultaneous", steps: int = 16, baseline: str | float = "blur",
+                       batch_size: int = 512) -> torch.Tensor:
+    """Insertion AUC for pairs: the most salient pixels are inserted first into blurred copies (higher =
+    better maps); arguments as ``pair_deletion_auc``."""
+    return _auc(_pair_curve(similarity_fn, x1, x2, map1, map2, mode, steps, False, baseline, batch_size))
+
+
+def pair_average_drop_increase(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
+                               map2: torch.Tensor, mode: str = "simultaneous",
+                               batch_size: int = 512) -> tuple[float, float]:
+    """Average Drop and Average Increase for pairs, in percent.
+
+    Each map is scaled to [0, 1] and multiplies its image (x ⊙ E).  With Y = s(x1, x2) and O = s(x1 ⊙ E1,
+    x2 ⊙ E2) ("simultaneous") or s(x1 ⊙ E1, x2) ("conditional"): drop = mean over pairs of max(0, Y − O) / Y
+    × 100 (lower = better), increase = share of pairs with O > Y × 100 (higher = better).  Pairs with Y <= 0
+    (dissimilar pairs, for which a relative drop means nothing) are left out.
+    """
+    _check_pair_maps(x1, x2, map1, map2, mode)
+
+    def scaled(saliency: torch.Tensor) -> torch.Tensor:
+        lo = saliency.flatten(1).min(1).values[:, None, None]
+        hi = saliency.flatten(1).max(1).values[:, None, None]
+        return ((saliency - lo) / (hi - lo).clamp(min=1e-12))[:, None]
+
+    full = _pair_scores(similarity_fn, x1, x2, batch_size)
+    masked_second = x2 * scaled(map2).to(x2) if mode == "simultaneous" else x2
+    masked = _pair_scores(similarity_fn, x1 * scaled(map1).to(x1), masked_second, batch_size)
+    kept = full > 0
+    if not kept.any():
+        raise ValueError("no pair has a positive similarity: Average Drop is undefined; explain similar pairs")
+    drop = ((full - masked).clamp(min=0) / full)[kept].mean().item() * 100
+    increase = (masked > full)[kept].float().mean().item() * 100
+    return drop, increase
+
+
+def max_sensitivity(explain_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    x1: torch.Tensor, x2: torch.Tensor, radius: float = 0.2, samples: int = 10,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Max-Sensitivity (Yeh et al. 2019) for pair explanations: the largest relative change of the maps when
+    the *same* uniform noise δ ∈ [−radius, radius] is added to both images,
+
+        SENS = ( max_n ||Φ1(x + δ_n) − Φ1(x)|| / ||Φ1(x)||  +  max_n ||Φ2(…) − Φ2(x)|| / ||Φ2(x)|| ) / 2
+
+    (Frobenius norms; noisy images are clamped to [0, 1]).  Lower = more stable.
+
+    Args:
+        explain_fn: (x1 [B, 3, H, W], x2) -> (maps of x1 [B, H, W], maps of x2 [B, H, W]).
+    Returns:
+        float [B].
+    """
+    if x1.ndim != 4 or x1.shape != x2.shape:
+        raise ValueError(f"need pairs x1, x2 [B, 3, H, W] of the same shape, got {tuple(x1.shape)}, {tuple(x2.shape)}")
+    if radius <= 0 or samples < 1:
+        raise ValueError(f"need radius > 0 and samples >= 1, got {radius} and {samples}")
+    reference = [m.detach().float().cpu() for m in explain_fn(x1, x2)]
+    worst = [torch.zeros(x1.shape[0]), torch.zeros(x1.shape[0])]
+    for _ in range(samples):
+        delta = ((torch.rand(x1.shape, generator=generator) * 2 - 1) * radius).to(x1)
+        noisy = explain_fn((x1 + delta).clamp(0, 1), (x2 + delta).clamp(0, 1))
+        for index, (new, old) in enumerate(zip(noisy, reference)):
+            change = (new.detach().float().cpu() - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1).clamp(min=1e-12)
+            worst[index] = torch.maximum(worst[index], change)
+    return (worst[0] + worst[1]) / 2
 
 
 def saliency_scores(saliency: torch.Tensor, masks: torch.Tensor, images: torch.Tensor | None = None,
