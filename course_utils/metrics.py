@@ -307,14 +307,9 @@ def pair_average_drop_increase(similarity_fn: PairScoreFn, x1: torch.Tensor, x2:
     """
     _check_pair_maps(x1, x2, map1, map2, mode)
 
-    def scaled(saliency: torch.Tensor) -> torch.Tensor:
-        lo = saliency.flatten(1).min(1).values[:, None, None]
-        hi = saliency.flatten(1).max(1).values[:, None, None]
-        return ((saliency - lo) / (hi - lo).clamp(min=1e-12))[:, None]
-
     full = _pair_scores(similarity_fn, x1, x2, batch_size)
-    masked_second = x2 * scaled(map2).to(x2) if mode == "simultaneous" else x2
-    masked = _pair_scores(similarity_fn, x1 * scaled(map1).to(x1), masked_second, batch_size)
+    masked_second = x2 * _unit_range(map2)[:, None].to(x2) if mode == "simultaneous" else x2
+    masked = _pair_scores(similarity_fn, x1 * _unit_range(map1)[:, None].to(x1), masked_second, batch_size)
     kept = full > 0
     if not kept.any():
         raise ValueError("no pair has a positive similarity: Average Drop is undefined; explain similar pairs")
@@ -323,15 +318,26 @@ def pair_average_drop_increase(similarity_fn: PairScoreFn, x1: torch.Tensor, x2:
     return drop, increase
 
 
+def _unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """Each map [H, W] of [B, H, W] scaled to [0, 1] (a constant map becomes 0)."""
+    maps = maps.detach().float().cpu()
+    low = maps.flatten(1).min(1).values[:, None, None]
+    high = maps.flatten(1).max(1).values[:, None, None]
+    return (maps - low) / (high - low).clamp(min=1e-12)
+
+
 def max_sensitivity(explain_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                     x1: torch.Tensor, x2: torch.Tensor, radius: float = 0.2, samples: int = 10,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Max-Sensitivity (Yeh et al. 2019) for pair explanations: the largest relative change of the maps when
-    the *same* uniform noise δ ∈ [−radius, radius] is added to both images,
+    """Max-Sensitivity (Yeh et al. 2019) for pair explanations: the largest change of the maps when the
+    *same* uniform noise δ ∈ [−radius, radius] is added to both images,
 
-        SENS = ( max_n ||Φ1(x + δ_n) − Φ1(x)|| / ||Φ1(x)||  +  max_n ||Φ2(…) − Φ2(x)|| / ||Φ2(x)|| ) / 2
+        SENS = ( max_n RMS(Φ̂1(x + δ_n) − Φ̂1(x))  +  max_n RMS(Φ̂2(…) − Φ̂2(x)) ) / 2,
 
-    (Frobenius norms; noisy images are clamped to [0, 1]).  Lower = more stable.
+    where Φ̂ is each map scaled to [0, 1] (as maps are shown), so methods in different units compare and a
+    map that is zero everywhere cannot divide by zero; RMS is over the pixels, so SENS lies in [0, 1].
+    Noisy images are clamped to [0, 1].  Lower = more stable; a map that ignores its input scores 0, so read
+    it together with a faithfulness score.
 
     Args:
         explain_fn: (x1 [B, 3, H, W], x2) -> (maps of x1 [B, H, W], maps of x2 [B, H, W]).
@@ -342,13 +348,13 @@ def max_sensitivity(explain_fn: Callable[[torch.Tensor, torch.Tensor], tuple[tor
         raise ValueError(f"need pairs x1, x2 [B, 3, H, W] of the same shape, got {tuple(x1.shape)}, {tuple(x2.shape)}")
     if radius <= 0 or samples < 1:
         raise ValueError(f"need radius > 0 and samples >= 1, got {radius} and {samples}")
-    reference = [m.detach().float().cpu() for m in explain_fn(x1, x2)]
+    reference = [_unit_range(m) for m in explain_fn(x1, x2)]
     worst = [torch.zeros(x1.shape[0]), torch.zeros(x1.shape[0])]
     for _ in range(samples):
         delta = ((torch.rand(x1.shape, generator=generator) * 2 - 1) * radius).to(x1)
         noisy = explain_fn((x1 + delta).clamp(0, 1), (x2 + delta).clamp(0, 1))
         for index, (new, old) in enumerate(zip(noisy, reference)):
-            change = (new.detach().float().cpu() - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1).clamp(min=1e-12)
+            change = (_unit_range(new) - old).pow(2).flatten(1).mean(1).sqrt()
             worst[index] = torch.maximum(worst[index], change)
     return (worst[0] + worst[1]) / 2
 

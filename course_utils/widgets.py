@@ -388,3 +388,54 @@ def falcon_browser(explanations: Sequence, images: torch.Tensor, count: int = 8)
     choice.observe(refresh, names="value")
     refresh()
     return widgets.VBox([choice, output])
+
+
+PairExplainer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def pair_view(x1: torch.Tensor, x2: torch.Tensor, explain: PairExplainer, method: str = "",
+              similarity: float | None = None) -> plt.Figure:
+    """One pair [3, H, W] x 2 and its two maps from ``explain(x1[None], x2[None])`` (maps [1, H, W] each):
+    the images, then each map over its image."""
+    map1, map2 = explain(x1[None], x2[None])
+    maps = torch.cat([map1.detach().cpu().float(), map2.detach().cpu().float()])
+    images = torch.stack([x1, x2]).cpu()
+    fig, axes = saliency_grid(images, maps, titles=["x1", "x2"], ncols=2, panel_size=2.2,
+                              colorbar_label="importance (each map scaled to its max)")
+    title = method + (f"   s(x1, x2) = {similarity:.3f}" if similarity is not None else "")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def pair_explorer(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], methods: Mapping[str, PairExplainer],
+                  similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> widgets.Widget:
+    """Pick a kind of pair, a pair and a method; shows ``pair_view``.
+
+    Args:
+        pairs: name -> (x1 [N, 3, H, W], x2 [N, 3, H, W]), e.g. "two views", "same class", "different class".
+        methods: name -> explain(x1 [B, 3, H, W], x2) -> (maps of x1 [B, H, W], maps of x2 [B, H, W]).
+        similarity: optional s(x1, x2) -> [B], shown in the title.
+    """
+    if not pairs or not methods:
+        raise ValueError("pair_explorer needs at least one kind of pair and one method")
+    kind = widgets.Dropdown(options=list(pairs), description="pairs")
+    index = widgets.IntSlider(value=0, min=0, max=len(next(iter(pairs.values()))[0]) - 1, description="pair",
+                              continuous_update=False)
+    method = widgets.Dropdown(options=list(methods), description="method")
+    output = widgets.Output()
+
+    def refresh(_change=None) -> None:
+        x1, x2 = pairs[kind.value]
+        index.max = len(x1) - 1
+        a, b = x1[index.value], x2[index.value]
+        value = None if similarity is None else float(similarity(a[None], b[None])[0])
+        output.clear_output(wait=True)
+        with output:
+            fig = pair_view(a, b, methods[method.value], method.value, value)
+            plt.show()
+            plt.close(fig)
+
+    for control in (kind, index, method):
+        control.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HBox([kind, index, method]), output])

@@ -241,7 +241,7 @@ def test_max_sensitivity_is_zero_for_a_constant_explainer_and_matches_a_loop():
     x1, x2 = torch.rand(2, 3, 3, 8, 8, generator=g)
 
     def constant(a, b):
-        return torch.ones(a.shape[0], 8, 8), torch.ones(a.shape[0], 8, 8)
+        return torch.zeros(a.shape[0], 8, 8), torch.zeros(a.shape[0], 8, 8)  # zero maps: no division by zero
 
     def channel_means(a, b):
         return a.mean(1), b.mean(1)
@@ -249,11 +249,17 @@ def test_max_sensitivity_is_zero_for_a_constant_explainer_and_matches_a_loop():
     assert max_sensitivity(constant, x1, x2).abs().max() == 0
     ours = max_sensitivity(channel_means, x1, x2, radius=0.1, samples=5, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
+
+    def unit(m):
+        flat = m.flatten(1)
+        return ((flat - flat.min(1, keepdim=True).values) /
+                (flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values)).view_as(m)
+
     worst1, worst2 = torch.zeros(3), torch.zeros(3)
     for _ in range(5):
         delta = (torch.rand(x1.shape, generator=g) * 2 - 1) * 0.1
         for worst, image in ((worst1, x1), (worst2, x2)):
-            reference = image.mean(1)
-            change = ((image + delta).clamp(0, 1).mean(1) - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+            change = (unit((image + delta).clamp(0, 1).mean(1)) - unit(image.mean(1))).pow(2).mean((1, 2)).sqrt()
             torch.maximum(worst, change, out=worst)
     assert torch.allclose(ours, (worst1 + worst2) / 2, atol=1e-6)
+    assert (ours > 0).all() and (ours <= 1).all()

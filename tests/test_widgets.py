@@ -145,3 +145,20 @@ def test_falcon_view_and_browser_show_an_explanation():
     assert falcon_browser([explanation], torch.rand(10, 3, 8, 8)).children
     with pytest.raises(ValueError, match="no explanations"):
         falcon_browser([], torch.rand(10, 3, 8, 8))
+
+
+def test_pair_view_and_explorer_show_both_maps():
+    from course_utils.widgets import pair_explorer, pair_view
+
+    def explain(x1, x2):
+        return x1.mean(1), x2.mean(1)
+
+    x = torch.rand(3, 3, 8, 8)
+    fig = pair_view(x[0], x[1], explain, "mean colour", similarity=0.5)
+    assert "0.500" in fig._suptitle.get_text()
+    matplotlib.pyplot.close(fig)
+    explorer = pair_explorer({"views": (x, x.flip(0))}, {"mean colour": explain},
+                             similarity=lambda a, b: torch.ones(len(a)))
+    assert explorer.children
+    with pytest.raises(ValueError, match="at least one"):
+        pair_explorer({}, {"mean colour": explain})
