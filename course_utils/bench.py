@@ -273,6 +273,30 @@ def bench_qscore(quick: bool) -> BenchRow:
                     n / seconds, loop_n / naive, "100k x 512 in < 1 s")
 
 
+def bench_occlusion(quick: bool) -> BenchRow:
+    """Conditional occlusion of a pair: all occluded copies as batches vs one forward per patch."""
+    from course_utils.explain.pairs import conditional_occlusion, patch_masks, projection
+
+    device = get_device()
+    model = load_pretrained("simclr-shapes-r10").to(device).eval()
+    embed = projection(model)
+    x1, x2 = (ShapesWorld(n=2, seed=0, split="test").images.float() / 255).to(device)
+    stride = 4 if quick else 2
+    masks = patch_masks(32, stride=stride).to(device)
+    batched = _best_of(2, lambda: conditional_occlusion(embed, x1, x2, stride=stride))
+
+    def one_by_one() -> None:
+        with torch.no_grad():
+            z2 = embed(x2[None])
+            for mask in masks:
+                F.cosine_similarity(embed(torch.where(mask, torch.zeros_like(x1), x1)[None]), z2)
+
+    loop = _best_of(1, one_by_one) * 2  # both images of the pair
+    patches = 2 * len(masks)
+    return BenchRow("Conditional occlusion of a pair", f"{len(masks)} patches per image (9 px, stride {stride}), "
+                    f"both images, {device.type}", "patches/s", patches / batched, patches / loop, "batched > loop")
+
+
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -285,6 +309,7 @@ BENCHMARKS: dict[str, Callable[[bool], BenchRow | list[BenchRow]]] = {
     "training-gpu": bench_training_gpu,
     "relax": bench_relax,
     "qscore": bench_qscore,
+    "occlusion": bench_occlusion,
 }
 
 

@@ -31,3 +31,8 @@ def test_bench_measures_relax_against_plain_forwards_and_a_per_mask_loop(tmp_pat
 def test_bench_times_qscore_against_a_per_sample_loop(tmp_path):
     rows = bench.main(["--quick", "--only", "qscore", "--json", str(tmp_path / "bench.json")])
     assert [r.name for r in rows] == ["Q-Score"] and rows[0].course > rows[0].naive > 0
+
+
+def test_bench_measures_batched_occlusion_against_a_per_patch_loop(tmp_path):
+    rows = bench.main(["--quick", "--only", "occlusion", "--json", str(tmp_path / "bench.json")])
+    assert [r.name for r in rows] == ["Conditional occlusion of a pair"] and rows[0].course > 0 and rows[0].naive > 0
