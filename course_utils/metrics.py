@@ -114,8 +114,9 @@ def centre_prior(batch: int, size: int, sigma: float = 0.25) -> torch.Tensor:
     return bump.expand(batch, size, size).clone()
 
 
-def _blur(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
-    radius = int(3 * sigma)
+def gaussian_blur(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """Separable Gaussian blur with replicated borders: [B, C, H, W] -> same shape."""
+    radius = max(1, int(3 * sigma))
     taps = torch.exp(-torch.arange(-radius, radius + 1).float() ** 2 / (2 * sigma**2))
     taps = (taps / taps.sum()).to(images)
     channels = images.shape[1]
@@ -128,7 +129,7 @@ def baseline_images(images: torch.Tensor, baseline: str | float) -> torch.Tensor
     """What removed pixels are replaced with: ``"blur"`` (Gaussian blur, sigma 5 px), ``"mean"`` (each
     image's mean colour) or a number (e.g. 0, black); images [B, 3, H, W] -> same shape."""
     if baseline == "blur":
-        return _blur(images)
+        return gaussian_blur(images)
     if baseline == "mean":
         return images.mean((2, 3), keepdim=True).expand_as(images)
     if isinstance(baseline, (int, float)):

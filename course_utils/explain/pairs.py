@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.metrics import gaussian_blur
+
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] in [0, 1] -> embeddings [N, d]
 
 
@@ -249,17 +251,6 @@ def interaction_cam(model: nn.Module, layer: nn.Module, x1: torch.Tensor, x2: to
     return maps[0], maps[1]
 
 
-def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    taps = torch.exp(-torch.arange(-radius, radius + 1, device=images.device).float() ** 2 / (2 * sigma**2))
-    taps = taps / taps.sum()
-    channels = images.shape[1]
-    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"),
-                   taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"),
-                    taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-
-
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
     gray = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])[:, None]
     return gray.expand_as(images)
@@ -278,7 +269,7 @@ def _colour_jitter(images: torch.Tensor) -> torch.Tensor:
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "colour jitter": _colour_jitter,
     "grayscale": _grayscale,
-    "blur": lambda images: _gaussian_blur(images, sigma=1.0),
+    "blur": lambda images: gaussian_blur(images, sigma=1.0),
     "solarize": lambda images: torch.where(images >= 0.5, 1 - images, images),
 }
 
