@@ -282,6 +282,9 @@ def pair_deletion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Te
         x1, x2: pairs [B, 3, H, W]; map1, map2: their maps [B, H, W].
         mode: "simultaneous" deletes from both images, each by its own map; "conditional" deletes from x1
             only while x2 stays whole (swap the arguments for the other direction).
+        baseline: 0 (black) as in the reference code.  Beware: in simultaneous mode both images end up
+            black, hence identical, and the curve climbs back to s = 1; the conditional mode has no such end
+            point.
     Returns:
         float [B].
     """

@@ -418,6 +418,8 @@ def pair_explorer(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], method
     """
     if not pairs or not methods:
         raise ValueError("pair_explorer needs at least one kind of pair and one method")
+    if any(len(x1) == 0 or len(x1) != len(x2) for x1, x2 in pairs.values()):
+        raise ValueError("every kind of pair needs at least one pair and as many x2 as x1 images")
     kind = widgets.Dropdown(options=list(pairs), description="pairs")
     index = widgets.IntSlider(value=0, min=0, max=len(next(iter(pairs.values()))[0]) - 1, description="pair",
                               continuous_update=False)
@@ -426,7 +428,6 @@ def pair_explorer(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], method
 
     def refresh(_change=None) -> None:
         x1, x2 = pairs[kind.value]
-        index.max = len(x1) - 1
         a, b = x1[index.value], x2[index.value]
         value = None if similarity is None else float(similarity(a[None], b[None])[0])
         output.clear_output(wait=True)
@@ -435,7 +436,15 @@ def pair_explorer(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], method
             plt.show()
             plt.close(fig)
 
-    for control in (kind, index, method):
+    def new_kind(_change=None) -> None:
+        size = len(pairs[kind.value][0])
+        if index.value >= size:
+            index.value = size - 1  # observed: redraws
+        index.max = size - 1
+        refresh()
+
+    kind.observe(new_kind, names="value")
+    for control in (index, method):
         control.observe(refresh, names="value")
     refresh()
     return widgets.VBox([widgets.HBox([kind, index, method]), output])

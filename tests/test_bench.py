@@ -35,4 +35,5 @@ def test_bench_times_qscore_against_a_per_sample_loop(tmp_path):
 
 def test_bench_measures_batched_occlusion_against_a_per_patch_loop(tmp_path):
     rows = bench.main(["--quick", "--only", "occlusion", "--json", str(tmp_path / "bench.json")])
-    assert [r.name for r in rows] == ["Conditional occlusion of a pair"] and rows[0].course > 0 and rows[0].naive > 0
+    assert [r.name for r in rows] == ["Conditional occlusion of a pair"]
+    assert rows[0].course > rows[0].naive > 0  # about 3.5x on the reference CPU

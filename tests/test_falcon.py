@@ -170,8 +170,8 @@ def test_the_bar_and_the_background_style_are_concepts_but_no_distractor_is_not(
 
 
 class CornerEncoder(torch.nn.Module):
-    """h_0 = mean of the top-left quarter's red channel, h_1 = of the top half: Grad-CAM of h_0 lies in the
-    top-left quarter, the intersection of both maps too."""
+    """h_0 = mean red of the top half, h_1 = mean green of the left half: Grad-CAM of h_0 is the top half,
+    of h_1 the left half, and only their intersection is the top-left quarter."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,19 +180,23 @@ class CornerEncoder(torch.nn.Module):
     def forward(self, x):
         x = self.layer(x)
         side = x.shape[-1]
-        return torch.stack([x[:, 0, : side // 2, : side // 2].mean((1, 2)), x[:, 0, : side // 2].mean((1, 2))], 1)
+        return torch.stack([x[:, 0, : side // 2].mean((1, 2)), x[:, 1, :, : side // 2].mean((1, 2))], 1)
 
 
 def test_gradcam_crops_zoom_into_where_the_feature_looks():
-    from course_utils.explain.falcon import gradcam_crops
+    from course_utils.explain.falcon import crop_box, gradcam_crops
 
     images = torch.zeros(2, 3, 16, 16)
-    images[:, 0, :8, :8] = 1.0  # a red top-left quarter
+    images[:, 0, :8] = 1.0  # red top half
+    images[:, 1, :, :8] = 1.0  # green left half
+    images[:, 2, :8, :8] = torch.linspace(0, 1, 8)  # a blue ramp in the top-left quarter, to see the zoom
     encoder = CornerEncoder()
-    crops = gradcam_crops(encoder, encoder.layer, images, 0)
-    assert crops.shape == images.shape and torch.allclose(crops[:, 0], torch.ones(2, 16, 16))
-    group = gradcam_crops(encoder, encoder.layer, images, [0, 1])
-    assert torch.allclose(group[:, 0], torch.ones(2, 16, 16))
+    top_half = gradcam_crops(encoder, encoder.layer, images, 0)
+    assert top_half.shape == images.shape and torch.allclose(top_half[:, 0], torch.ones(2, 16, 16))
+    quarter = gradcam_crops(encoder, encoder.layer, images, [0, 1])  # intersection: the top-left quarter
+    assert torch.allclose(quarter[:, 0], torch.ones(2, 16, 16)) and torch.allclose(quarter[:, 1], torch.ones(2, 16, 16))
+    assert not torch.allclose(top_half[:, 1], torch.ones(2, 16, 16))  # the top half still shows non-green pixels
+    assert crop_box(torch.ones(16, 16)) == (0, 0, 16, 16)
     with pytest.raises(ValueError, match="at least one feature"):
         gradcam_crops(encoder, encoder.layer, images, [])
 

@@ -135,13 +135,18 @@ def caption_set(attribute_names: Mapping[str, list[str]], n: int = 24_000, unrel
     related: set[str] = set()
     while len(related) < related_target:
         related.add(describe(random_names(attribute_names, rng), rng))
-    unrelated: set[str] = set()
+    return sorted(related | _unrelated_captions(n - related_target, rng))
+
+
+def _unrelated_captions(count: int, rng: random.Random) -> set[str]:
+    """``count`` distinct unrelated captions (a clear error when fewer exist)."""
     max_unrelated = len(_UNRELATED_ADJECTIVES) * len(_UNRELATED_SUBJECTS) * len(_UNRELATED_PLACES)
-    if n - related_target > max_unrelated:
+    if count > max_unrelated:
         raise ValueError(f"at most {max_unrelated} distinct unrelated captions exist; lower unrelated_share")
-    while len(unrelated) < n - related_target:
+    unrelated: set[str] = set()
+    while len(unrelated) < count:
         unrelated.add(unrelated_caption(rng))
-    return sorted(related | unrelated)
+    return unrelated
 
 
 def concept_names(attribute_names: Mapping[str, list[str]]) -> dict[str, set[str]]:
@@ -180,10 +185,7 @@ def templated_caption_set(attribute_names: Mapping[str, list[str]], n: int = 24_
         v = {key: rng.choice(attribute_names[key]) for key in keys}
         related.add(f"a {v['size']} {v['color']} {v['texture']} {v['shape']} on a {v['background']} "
                     f"{v['background_color']} background")
-    unrelated: set[str] = set()
-    while len(unrelated) < n - related_target:
-        unrelated.add(unrelated_caption(rng))
-    return sorted(related | unrelated)
+    return sorted(related | _unrelated_captions(n - related_target, rng))
 
 
 def load_caption_set(path: str | Path = CAPTION_FILE) -> list[str]:

@@ -317,7 +317,9 @@ def evaluate_features(H: torch.Tensor, image_embeddings: torch.Tensor, caption_e
     Args:
         H [N, r], image_embeddings [N, d]: the probe set; attributes/attribute_names: its ground truth.
         names: word -> attribute values (``captions.concept_names``).
-        explain_options: passed to ``explain_feature`` (alpha, contrastive, beta, max_low, discard, …).
+        explain_options: passed to ``explain_feature`` (alpha, contrastive, beta, max_low, discard, …); the
+            baseline uses the same top_k, discard and n_concepts.  A ``high_embeddings`` function is called
+            again for the baseline: cache it when it is costly (Grad-CAM crops).
     """
     candidates = range(H.shape[1]) if features is None else features
     explanations, truths, baseline = [], [], []
@@ -330,7 +332,8 @@ def evaluate_features(H: torch.Tensor, image_embeddings: torch.Tensor, caption_e
         truths.append(true_concepts(attributes, attribute_names, explanation.high))
         seen = image_embeddings[explanation.high] if explain_options.get("high_embeddings") is None \
             else explain_options["high_embeddings"](explanation.high)
-        baseline.append(frequency_concepts(seen, caption_embeddings, captions, discard=discard))
+        baseline.append(frequency_concepts(seen, caption_embeddings, captions, top_k=explain_options.get("top_k", 5),
+                                           discard=discard, n_concepts=explain_options.get("n_concepts", 5)))
     if not explanations:
         raise ValueError("no feature has more than min_images highly activating images; lower alpha")
     return Evaluation(explanations, truths, baseline,
@@ -411,7 +414,10 @@ def feature_groups(H: torch.Tensor, image_embeddings: torch.Tensor, alpha: float
     Args:
         H: representations [N, r]; image_embeddings: VLM embeddings [N, d] of the same images.
     Returns:
-        the groups with more than ``min_images`` images, largest first.
+        the groups with more than ``min_images`` images, largest first.  (``explain_feature(H, group)``
+        explains a group on the larger set of images where *all* its features exceed α, whatever else
+        is active; SCIENCE.md asks for the similarity of the crops, the thesis' Algorithm 1 and this
+        function use the whole images.)
     """
     if image_embeddings.shape[0] != H.shape[0]:
         raise ValueError(f"need one VLM embedding per image: H has {H.shape[0]} rows, the embeddings "
@@ -431,7 +437,7 @@ def feature_groups(H: torch.Tensor, image_embeddings: torch.Tensor, alpha: float
 
 
 def explainable_share(H: torch.Tensor, image_embeddings: torch.Tensor, groups: Sequence[FeatureGroup], alpha: float,
-                      min_images: int = 10, gamma: float = 0.8) -> dict[str, float]:
+                      min_images: int = 10, gamma: float = 0.8) -> dict[str, float | int]:
     """How much of the representation FALCON can explain, as shares of the r features: single features
     whose highly activating set has more than ``min_images`` images that look alike (``set_similarity``
     > γ, the test Algorithm 1 applies to groups), features in an interpretable group of two or more
@@ -485,7 +491,7 @@ def concept_precision(predicted: Sequence[Sequence[str]], truths: Sequence[set[s
         return {value for w in words for value in (names.get(w, set()) if names else {w})} & truth
 
     p_at_1 = sum(bool(hits(p[:1], t)) for p, t in rows) / len(rows)
-    p_at_true = sum(len(hits(p[:min(k, len(t))], t)) / min(k, len(t)) for p, t in rows) / len(rows)
+    p_at_true = sum(min(len(hits(p[:min(k, len(t))], t)), min(k, len(t))) / min(k, len(t)) for p, t in rows) / len(rows)
     recall = sum(len(hits(p[:k], t)) / len(t) for p, t in rows) / len(rows)
     return {"features scored": len(rows), "P@1": p_at_1, "P@min(k,#true)": p_at_true, f"R@{k}": recall,
             "P@1 ceiling": 1.0, f"P@{k} ceiling": sum(min(k, len(t)) / k for _, t in rows) / len(rows)}

@@ -16,7 +16,9 @@ Occlusions are evaluated as batches of occluded images.  Patch size and stride d
 64 px / 8 px at 224 px, scaled to the image size.  Occluded pixels get ``fill`` (0: black, as the reference
 code does for [0, 1] inputs).  The reference code resizes an occlusion grid to the image, which shifts
 it by half a patch; here each pixel gets the mean drop of the patches that cover it, so maps align with
-the image.  Where the course simplifies the papers, the function's docstring says so.
+the image.  Where the course simplifies the papers, the function's docstring says so.  Pass models in
+eval mode: the methods embed a single image and batches of occluded copies, which train-mode batch norm
+would normalise differently.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def projection(model: nn.Module) -> Embed:
 
 
 def _check_pair(x1: torch.Tensor, x2: torch.Tensor) -> None:
-    if x1.ndim != 3 or x1.shape[0] != 3 or x1.shape != x2.shape:
-        raise ValueError(f"need two images [3, H, W] of the same size, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x1.ndim != 3 or x1.shape[0] != 3 or x1.shape != x2.shape or x1.shape[1] != x1.shape[2]:
+        raise ValueError(f"need two square images [3, S, S] of the same size, got {tuple(x1.shape)} and "
+                         f"{tuple(x2.shape)}")
 
 
 def _scaled(size: int, at_224: int) -> int:
@@ -197,12 +200,12 @@ def pairwise_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, samples
 
 
 def interaction_cam(model: nn.Module, layer: nn.Module, x1: torch.Tensor, x2: torch.Tensor,
-                    alpha: str = "elementwise") -> tuple[torch.Tensor, torch.Tensor]:
+                    alpha: str = "gap") -> tuple[torch.Tensor, torch.Tensor]:
     """Interaction-CAM: Grad-CAM of the pair similarity, each channel weighted by how much *both* images
     use it, w_k = GAP(F1)_k · GAP(F2)_k:
 
-        "elementwise" (reference code): L1 = Σ_k w_k · F1_k ⊙ ReLU(∂s/∂F1_k)
-        "gap" (the paper's formula):    L1 = ReLU( Σ_k w_k · α_k · F1_k ),  α_k = mean_ij ∂s/∂F1_k(i, j)
+        "gap" (the paper's formula, default): L1 = ReLU( Σ_k w_k · α_k · F1_k ),  α_k = mean_ij ∂s/∂F1_k(i, j)
+        "elementwise" (reference code):       L1 = Σ_k w_k · F1_k ⊙ ReLU(∂s/∂F1_k)
 
     and symmetrically for x2, with s = cos(z1, z2) of the projection outputs.
 
@@ -288,6 +291,8 @@ def averaged_transforms(embed: Embed, x: torch.Tensor, transform: str | Callable
     Args:
         embed: images -> embeddings; x: one image [3, H, W]; transform: a name in ``TRANSFORMS`` or a function
             of images [N, 3, H, W].
+        lambdas: the blend weights of x (SCIENCE.md: 1, 0.9, …, 0.1; λ = 1 is left out because there the
+            two images are equal, s is at its maximum and both gradients vanish).
         noise: Gaussian noise of std ``noise`` × (max − min of x) added to the intermediate blends (reference
             code, SmoothGrad-like); 0 turns it off.
     Returns:
@@ -300,12 +305,15 @@ def averaged_transforms(embed: Embed, x: torch.Tensor, transform: str | Callable
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {transform!r}; choose from {sorted(TRANSFORMS)} or pass a function")
         transform = TRANSFORMS[transform]
+    if not lambdas or not all(0 <= value < 1 for value in lambdas):
+        raise ValueError(f"lambdas must lie in [0, 1), got {lambdas}")
     weights = torch.tensor(lambdas, dtype=x.dtype, device=x.device)[:, None, None, None]
     views = weights * x + (1 - weights) * transform(x[None])
+    last = int(torch.tensor(lambdas).argmin())  # the most transformed view
     if noise > 0:
         spread = (x.max() - x.min()).item() * noise
         jitter = torch.randn(views.shape, generator=generator).to(views) * spread
-        jitter[-1] = 0  # the last (most transformed) view stays exact, as in the reference code
+        jitter[last] = 0  # the most transformed view stays exact, as in the reference code
         views = (views + jitter).clamp(0, 1)
     anchor = x[None].expand_as(views).clone().requires_grad_()
     views = views.detach().requires_grad_()
@@ -313,7 +321,7 @@ def averaged_transforms(embed: Embed, x: torch.Tensor, transform: str | Callable
         score = F.cosine_similarity(embed(anchor).float(), embed(views).float(), dim=1)
         gradient_anchor, gradient_views = torch.autograd.grad(score.sum(), [anchor, views])
     first = (x * gradient_anchor.mean(0)).abs().amax(0)
-    second = (views[-1].detach() * gradient_views.mean(0)).abs().amax(0)
+    second = (views[last].detach() * gradient_views.mean(0)).abs().amax(0)
     return first.detach(), second.detach()
 
 
@@ -340,7 +348,8 @@ def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Ten
     views = augment(x[None].expand(n_augments, -1, -1, -1))
     if views.shape != (n_augments, *x.shape):
         raise ValueError(f"augment must return [N, 3, H, W] views of the same size, got {tuple(views.shape)}")
-    targets = similarity(embed, x[None].expand_as(views), views, batch_size).clamp(0, 1)
+    anchor_embedding = _embed_batches(embed, x[None], 1)
+    targets = F.cosine_similarity(_embed_batches(embed, views, batch_size), anchor_embedding, dim=1).clamp(0, 1)
     inputs = views.flatten(1).float()
     anchor = x.flatten().float()
     weight = torch.zeros(inputs.shape[1], device=x.device, requires_grad=True)
