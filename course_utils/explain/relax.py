@@ -64,22 +64,38 @@ def relax_masks(n: int, size: int | tuple[int, int], grid: int = 7, p_keep: floa
     ``generator`` on the CPU, so a seed gives the same masks on every device.
     """
     height, width = _image_size(size)
+    draws = _mask_draws(n, (height, width), grid, p_keep, generator)
+    return _render_masks(draws, (height, width), torch.device(device) if device is not None else torch.device("cpu"))
+
+
+def _mask_draws(n: int, size: tuple[int, int], grid: int, p_keep: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of ``n`` masks, drawn on the CPU: keep-cells [n, 1, grid, grid], shifts [n], [n]."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if grid < 1:
         raise ValueError(f"grid must be >= 1 cell, got {grid}")
     if not 0 < p_keep <= 1:
         raise ValueError(f"p_keep must lie in (0, 1], got {p_keep}")
-    cell_h, cell_w = math.ceil(height / grid), math.ceil(width / grid)
+    cell_h, cell_w = math.ceil(size[0] / grid), math.ceil(size[1] / grid)
     cells = (torch.rand(n, 1, grid, grid, generator=generator) < p_keep).float()
     shift_y = torch.randint(0, cell_h, (n,), generator=generator)
     shift_x = torch.randint(0, cell_w, (n,), generator=generator)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    upsampled = F.interpolate(cells.to(device), size=(height + cell_h, width + cell_w), mode="bilinear",
+    return cells, shift_y, shift_x
+
+
+def _render_masks(draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: tuple[int, int],
+                  device: torch.device) -> torch.Tensor:
+    """Masks [n, H, W] on ``device`` from their draws: upsample the cells, crop at the shifts."""
+    cells, shift_y, shift_x = (d.to(device) for d in draws)
+    height, width = size
+    grid = cells.shape[-1]
+    cell_h, cell_w = math.ceil(height / grid), math.ceil(width / grid)
+    upsampled = F.interpolate(cells, size=(height + cell_h, width + cell_w), mode="bilinear",
                               align_corners=False)[:, 0]  # [n, H + cell, W + cell]
-    rows = (shift_y[:, None] + torch.arange(height)).to(device)  # [n, H]
-    cols = (shift_x[:, None] + torch.arange(width)).to(device)  # [n, W]
-    index = torch.arange(n, device=device)[:, None, None]
+    rows = shift_y[:, None] + torch.arange(height, device=device)  # [n, H]
+    cols = shift_x[:, None] + torch.arange(width, device=device)  # [n, W]
+    index = torch.arange(len(cells), device=device)[:, None, None]
     return upsampled[index, rows[:, :, None], cols[:, None, :]]
 
 
@@ -95,13 +111,17 @@ def _check_images(images: torch.Tensor) -> None:
 
 def _mask_batches(num_masks: int, chunk: int, size: tuple[int, int], masks: torch.Tensor | None, grid: int,
                   p_keep: float, generator: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
-    """The masks, ``chunk`` at a time, on ``device``: given ones sliced, or new ones drawn chunk by chunk."""
+    """The masks, ``chunk`` at a time, on ``device``: given ones sliced, or new ones rendered chunk by chunk
+    from draws made once (so they equal ``relax_masks(num_masks, …)`` with the same generator, and a GPU
+    gets one small copy instead of one per chunk)."""
+    if masks is None:
+        draws = tuple(d.to(device) for d in _mask_draws(num_masks, size, grid, p_keep, generator))
     for start in range(0, num_masks, chunk):
         count = min(chunk, num_masks - start)
         if masks is not None:
             yield masks[start:start + count].to(device, torch.float32)
         else:
-            yield relax_masks(count, size, grid, p_keep, generator, device)
+            yield _render_masks(tuple(d[start:start + count] for d in draws), size, device)
 
 
 def masked_copies(images: torch.Tensor, masks: torch.Tensor, fill: str | float = 0.0) -> torch.Tensor:
@@ -191,13 +211,13 @@ def relax_batch(
                     chunk_similarities.append((h_masked * h[first:first + group, None]).sum(2))  # [g, m]
                     bar.update()
                 s = torch.cat(chunk_similarities)  # [B, m]
-                similarities.append(s.cpu())
+                similarities.append(s)  # kept on the device: a copy per batch would stall a GPU
                 s = s.to(accumulate)
                 sum_sm += s @ flat
                 sum_ssm += s.square() @ flat
     finally:
         encoder.train(was_training)
-    return _maps(sum_m, sum_sm, sum_ssm, num_masks, normalize, size, torch.cat(similarities, 1))
+    return _maps(sum_m, sum_sm, sum_ssm, num_masks, normalize, size, torch.cat(similarities, 1).cpu())
 
 
 def _maps(sum_m: torch.Tensor, sum_sm: torch.Tensor, sum_ssm: torch.Tensor, num_masks: int, normalize: bool,
