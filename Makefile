@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup run test lab bench clean clean-all
+.PHONY: setup run test lab bench student clean clean-all
 
 ## setup: create .venv and install requirements + course_utils (editable); skipped when nothing changed
 setup: $(STAMP)
@@ -33,7 +33,12 @@ run: setup
 ## test: unit tests + every notebook executed in quick mode (papermill), then nbval over the committed notebooks
 test: setup
 	COURSE_QUICK=1 $(BIN)/python -m pytest tests
-	COURSE_QUICK=1 COURSE_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+	COURSE_QUICK=1 COURSE_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider \
+		--ignore=notebooks/student notebooks
+
+## student: exercise versions of the notebooks (solutions replaced by stubs) in notebooks/student/
+student: setup
+	$(BIN)/python -m course_utils.student
 
 ## lab: open the course in JupyterLab
 lab: setup
@@ -45,7 +50,7 @@ bench: setup
 
 ## clean: remove generated figures and caches (keeps .venv and data/cache)
 clean:
-	rm -rf figures .pytest_cache build *.egg-info
+	rm -rf figures .pytest_cache build *.egg-info notebooks/student
 	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
 ## clean-all: also remove the environment and downloaded/trained data in data/cache
