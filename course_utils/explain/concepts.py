@@ -1,0 +1,167 @@
+"""Concept methods: does a representation use a human concept? (SCIENCE.md section 8)
+
+* **TCAV** (Kim et al. 2018).  A concept activation vector (CAV) v_C at a layer is the normal of a linear
+  classifier that separates the layer's activations on concept examples from those on random examples.
+  For inputs of a class and a scalar target y (a class score, a feature), the directional derivative
+  S_C(x) = ∇_a y(a(x)) · v_C says whether moving the activation towards the concept raises y; the
+  **TCAV score** is the share of inputs with S_C(x) > 0.  A score means something only when it differs from
+  chance: CAVs are trained against several random sets, random-vs-random CAVs give the null distribution,
+  and a two-sided t-test compares the two sets of scores.
+* **Prototypes** (the ProtoPNet / ProtoVAE idea, without training a prototype layer): k-means centroids of
+  the representations h and the training images nearest to each, shown as image grids.
+
+Activations at convolutional layers are flattened ([B, C·h·w]), as in the TCAV paper.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Target = Callable[[torch.Tensor], torch.Tensor]  # model output -> one score per input [B]
+
+
+def _capture(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: Target | None,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flattened activations of ``layer`` [N, D] and, given a target, the gradients of the target at them."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if not any(m is layer for m in model.modules()):
+        raise ValueError(f"{type(layer).__name__} is not a module of the model")
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        activation = output.detach().float().requires_grad_(target is not None)
+        captured.append(activation)
+        return activation.to(output.dtype)
+
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_hook(keep)
+    activations, gradients = [], []
+    try:
+        for batch in images.split(batch_size):
+            captured.clear()
+            with torch.set_grad_enabled(target is not None):
+                output = model(batch.to(device))
+                if target is not None:
+                    scores = target(output)
+                    if scores.shape != (batch.shape[0],):
+                        raise ValueError(f"the target must give one score per image, got shape {tuple(scores.shape)}")
+                    (gradient,) = torch.autograd.grad(scores.sum(), captured[-1])
+                    gradients.append(gradient.flatten(1).cpu())
+            activations.append(captured[-1].detach().flatten(1).cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(activations), (torch.cat(gradients) if target is not None else None)
+
+
+def layer_activations(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The activations of ``layer`` for ``images`` [N, 3, H, W], flattened: float [N, D] on the CPU."""
+    return _capture(model, layer, images, None, batch_size)[0]
+
+
+def concept_activation_vector(concept: torch.Tensor, random: torch.Tensor, C: float = 1.0,
+                              seed: int = 0) -> torch.Tensor:
+    """The CAV: the unit normal of a logistic regression separating concept activations [n_c, D] from random
+    ones [n_r, D], pointing towards the concept; float [D]."""
+    from sklearn.linear_model import LogisticRegression
+
+    if concept.ndim != 2 or random.ndim != 2 or concept.shape[1] != random.shape[1]:
+        raise ValueError(f"need activations [n, D] with the same D, got {tuple(concept.shape)} and {tuple(random.shape)}")
+    if len(concept) < 2 or len(random) < 2:
+        raise ValueError("a CAV needs at least 2 concept and 2 random examples")
+    x = torch.cat([concept, random]).double().numpy()
+    y = np.r_[np.ones(len(concept)), np.zeros(len(random))]
+    classifier = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(x, y)
+    direction = torch.from_numpy(classifier.coef_[0]).float()
+    return direction / direction.norm().clamp(min=1e-12)
+
+
+def tcav_score(gradients: torch.Tensor, cav: torch.Tensor) -> float:
+    """Share of inputs whose directional derivative ∇y · v_C is positive: gradients [N, D], cav [D]."""
+    if gradients.ndim != 2 or cav.shape != (gradients.shape[1],):
+        raise ValueError(f"need gradients [N, D] and a CAV [D], got {tuple(gradients.shape)} and {tuple(cav.shape)}")
+    return (gradients @ cav > 0).float().mean().item()
+
+
+@dataclass
+class TCAVResult:
+    """TCAV of one concept for one set of inputs and one target."""
+
+    score: float  # mean TCAV score over the concept's CAVs (one per random set)
+    scores: list[float]  # TCAV score of each concept CAV
+    random_scores: list[float]  # TCAV scores of random-vs-random CAVs (the null distribution)
+    p_value: float  # two-sided t-test of scores against random_scores
+    significant: bool  # p_value < alpha
+
+
+def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target, concept: torch.Tensor,
+         random_sets: Sequence[torch.Tensor], alpha: float = 0.05, batch_size: int = 256) -> TCAVResult:
+    """TCAV with its significance test.
+
+    Args:
+        model, layer: the network and the layer whose activations the CAVs live in.
+        inputs: images [N, 3, H, W] whose target is explained (e.g. test images of one class).
+        target: model output -> score [N] (e.g. ``lambda out: head(out)[:, c]``).
+        concept: concept example images [n_c, 3, H, W]; random_sets: at least 3 sets of random images.
+        alpha: significance level of the two-sided t-test (concept CAVs vs random-vs-random CAVs).
+    """
+    from scipy.stats import ttest_ind
+
+    if len(random_sets) < 3:
+        raise ValueError(f"the significance test needs at least 3 random sets, got {len(random_sets)}")
+    _, gradients = _capture(model, layer, inputs, target, batch_size)
+    concept_acts = layer_activations(model, layer, concept, batch_size)
+    random_acts = [layer_activations(model, layer, r, batch_size) for r in random_sets]
+    scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r, seed=i))
+              for i, r in enumerate(random_acts)]
+    random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)],
+                                                                     seed=i))
+                     for i in range(len(random_acts))]
+    if np.std(scores) == 0 and np.std(random_scores) == 0:
+        p_value = 1.0 if scores[0] == random_scores[0] else 0.0
+    else:
+        with warnings.catch_warnings():  # one group may be constant (every score 1): scipy warns, the test holds
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_value = float(ttest_ind(scores, random_scores).pvalue)
+    return TCAVResult(float(np.mean(scores)), scores, random_scores, p_value, p_value < alpha)
+
+
+@dataclass
+class Prototypes:
+    """k-means prototypes of a representation."""
+
+    centroids: torch.Tensor  # [k, r]
+    assignment: torch.Tensor  # cluster of every sample [N]
+    nearest: torch.Tensor  # [k, m]: indices of the m samples nearest to each centroid, nearest first
+
+
+def prototypes(H: torch.Tensor, k: int = 8, per_prototype: int = 8, iterations: int = 50, seed: int = 0) -> Prototypes:
+    """k-means (k-means++ start, ``iterations`` Lloyd steps) on L2-normalised representations H [N, r]."""
+    if H.ndim != 2 or not 1 <= k <= H.shape[0]:
+        raise ValueError(f"need H [N, r] with N >= k >= 1, got shape {tuple(H.shape)} and k = {k}")
+    x = F.normalize(H.detach().float().cpu(), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=generator)]
+    while len(centroids) < k:  # k-means++: next centre with probability ∝ squared distance
+        distance = torch.cdist(x, centroids).min(1).values.square()
+        centroids = torch.cat([centroids, x[torch.multinomial(distance + 1e-12, 1, generator=generator)]])
+    for _ in range(iterations):
+        assignment = torch.cdist(x, centroids).argmin(1)
+        updated = torch.stack([x[assignment == c].mean(0) if (assignment == c).any() else centroids[c]
+                               for c in range(k)])
+        if torch.allclose(updated, centroids):
+            break
+        centroids = updated
+    assignment = torch.cdist(x, centroids).argmin(1)
+    nearest = torch.cdist(centroids, x).topk(min(per_prototype, len(x)), dim=1, largest=False).indices
+    return Prototypes(centroids, assignment, nearest)

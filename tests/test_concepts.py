@@ -1,0 +1,74 @@
+"""TCAV and prototypes on planted concepts."""
+
+import pytest
+import torch
+from torch import nn
+
+from course_utils.explain.concepts import (
+    concept_activation_vector, layer_activations, prototypes, tcav, tcav_score,
+)
+
+
+class RednessModel(nn.Module):
+    """y = mean red of the image, read through an identity "layer" whose activations are the pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Identity()
+        self.dummy = nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, x):
+        return self.layer(x)[:, 0].mean((1, 2)) + 0 * self.dummy
+
+
+def random_images(n, seed):
+    return torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_concept_the_target_uses_is_significant_and_a_random_concept_is_not():
+    model = RednessModel()
+    red = random_images(30, 0)
+    red[:, 0] = 0.8 + 0.2 * red[:, 0]  # red images: the concept
+    randoms = [random_images(30, seed) for seed in range(1, 9)]
+    inputs = random_images(20, 100)
+    result = tcav(model, model.layer, inputs, lambda y: y, red, randoms)
+    assert result.score == 1.0 and all(s == 1.0 for s in result.scores)  # more red always raises y
+    assert result.significant and result.p_value < 0.05  # measured 0.019 (random scores alternate 0 / 1)
+    unrelated = tcav(model, model.layer, inputs, lambda y: y, random_images(30, 50), randoms)
+    assert not unrelated.significant
+    with pytest.raises(ValueError, match="at least 3 random sets"):
+        tcav(model, model.layer, inputs, lambda y: y, red, randoms[:2])
+
+
+def test_cav_points_towards_the_concept_and_the_score_counts_positive_derivatives():
+    concept = torch.tensor([[2.0, 0.0], [3.0, 0.5], [2.5, -0.5]])
+    random = torch.tensor([[-2.0, 0.0], [-3.0, 0.5], [-2.5, -0.5]])
+    cav = concept_activation_vector(concept, random)
+    assert cav.norm() == pytest.approx(1.0) and cav[0] > 0.9
+    gradients = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.5, 3.0], [2.0, -1.0]])
+    expected = ((gradients @ cav) > 0).float().mean().item()
+    assert tcav_score(gradients, cav) == expected == 0.75
+    with pytest.raises(ValueError, match="same D"):
+        concept_activation_vector(concept, random[:, :1])
+
+
+def test_layer_activations_are_flattened_per_image():
+    model = RednessModel()
+    images = random_images(5, 0)
+    assert torch.equal(layer_activations(model, model.layer, images, batch_size=2), images.flatten(1))
+    with pytest.raises(ValueError, match="not a module"):
+        layer_activations(model, nn.Identity(), images)
+
+
+def test_prototypes_recover_planted_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 8) * 5
+    labels = torch.arange(3).repeat_interleave(40)
+    H = centres[labels] + 0.1 * torch.randn(120, 8, generator=g)
+    result = prototypes(H, k=3, per_prototype=5)
+    for c in range(3):  # every cluster is one planted group
+        assert len(set(labels[result.assignment == c].tolist())) == 1
+        assert len(set(labels[result.nearest[c]].tolist())) == 1
+    assert result.centroids.shape == (3, 8) and result.nearest.shape == (3, 5)
+    with pytest.raises(ValueError, match="N >= k"):
+        prototypes(H[:2], k=3)
