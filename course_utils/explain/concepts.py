@@ -70,19 +70,36 @@ def layer_activations(model: nn.Module, layer: nn.Module, images: torch.Tensor, 
 
 
 def concept_activation_vector(concept: torch.Tensor, random: torch.Tensor, C: float = 1.0,
-                              seed: int = 0) -> torch.Tensor:
+                              max_iter: int = 200) -> torch.Tensor:
     """The CAV: the unit normal of a logistic regression separating concept activations [n_c, D] from random
-    ones [n_r, D], pointing towards the concept; float [D]."""
-    from sklearn.linear_model import LogisticRegression
+    ones [n_r, D], pointing towards the concept; float [D].
 
+    The regression minimises scikit-learn's objective C · Σ log-loss + ½ ||w||² (with an unpenalised bias).
+    By the representer theorem w = Xᵀα, so it is solved for the n coefficients α with the n × n Gram matrix
+    (L-BFGS in float64): fast for tens of thousands of dimensions and a few hundred examples.
+    """
     if concept.ndim != 2 or random.ndim != 2 or concept.shape[1] != random.shape[1]:
         raise ValueError(f"need activations [n, D] with the same D, got {tuple(concept.shape)} and {tuple(random.shape)}")
     if len(concept) < 2 or len(random) < 2:
         raise ValueError("a CAV needs at least 2 concept and 2 random examples")
-    x = torch.cat([concept, random]).double().numpy()
-    y = np.r_[np.ones(len(concept)), np.zeros(len(random))]
-    classifier = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(x, y)
-    direction = torch.from_numpy(classifier.coef_[0]).float()
+    x = torch.cat([concept, random]).double()
+    y = torch.cat([torch.ones(len(concept)), torch.zeros(len(random))]).double()
+    gram = x @ x.T  # [n, n]
+    alpha = torch.zeros(len(x), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([alpha, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        margin = gram @ alpha
+        loss = C * F.binary_cross_entropy_with_logits(margin + bias, y, reduction="sum") + 0.5 * alpha @ margin
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    direction = (x.T @ alpha.detach()).float()
     return direction / direction.norm().clamp(min=1e-12)
 
 
@@ -122,10 +139,8 @@ def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Targe
     _, gradients = _capture(model, layer, inputs, target, batch_size)
     concept_acts = layer_activations(model, layer, concept, batch_size)
     random_acts = [layer_activations(model, layer, r, batch_size) for r in random_sets]
-    scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r, seed=i))
-              for i, r in enumerate(random_acts)]
-    random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)],
-                                                                     seed=i))
+    scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r)) for r in random_acts]
+    random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)]))
                      for i in range(len(random_acts))]
     if np.std(scores) == 0 and np.std(random_scores) == 0:
         p_value = 1.0 if scores[0] == random_scores[0] else 0.0
