@@ -219,9 +219,7 @@ def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: tor
     per-class scores [N, C] need ``target`` [B] as in ``deletion_auc``.
     """
     _check_maps(saliency)
-    lo = saliency.flatten(1).min(1).values[:, None, None]
-    hi = saliency.flatten(1).max(1).values[:, None, None]
-    explanation = ((saliency - lo) / (hi - lo).clamp(min=1e-12)).to(images)
+    explanation = _unit_range(saliency).to(images)
     full = _scores(score_fn, images, target, batch_size)
     masked = _scores(score_fn, images * explanation[:, None], target, batch_size)
     if (full <= 0).any():
