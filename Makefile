@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup run test lab bench student clean clean-all
+.PHONY: setup run test lab bench student binder-check clean clean-all
 
 ## setup: create .venv and install requirements + course_utils (editable); skipped when nothing changed
 setup: $(STAMP)
@@ -32,8 +32,8 @@ run: setup
 
 ## test: unit tests + every notebook executed in quick mode (papermill), then nbval over the committed notebooks
 test: setup
-	COURSE_QUICK=1 $(BIN)/python -m pytest tests
-	COURSE_QUICK=1 COURSE_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider \
+	COURSE_QUICK=1 $(BIN)/python -m pytest --durations=15 tests
+	COURSE_QUICK=1 COURSE_FIGURES_DIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider \
 		--ignore=notebooks/student notebooks
 
 ## student: exercise versions of the notebooks (solutions replaced by stubs) in notebooks/student/
@@ -47,6 +47,22 @@ lab: setup
 ## bench: the performance table (ratios against the naive pipelines, same run)
 bench: setup
 	$(BIN)/python -m course_utils.bench
+
+## binder-check: build a fresh venv from binder/ alone (as a Binder launch would), import course_utils and
+## execute 00_welcome in it; minutes, not part of `make test` (which checks that binder/ agrees with requirements.txt)
+BINDER_VENV := build/binder-venv
+binder-check:
+	rm -rf $(BINDER_VENV) && mkdir -p build
+	$(PYTHON) -m venv $(BINDER_VENV)
+	@echo "Installing binder/requirements.txt into $(BINDER_VENV) (log in build/binder-install.log)"
+	@$(BINDER_VENV)/bin/python -m pip install --retries 1 --timeout 15 -r binder/requirements.txt \
+		> build/binder-install.log 2>&1 || { tail -n 30 build/binder-install.log; exit 1; }
+	PATH="$(abspath $(BINDER_VENV))/bin:$$PATH" bash binder/postBuild > build/binder-postbuild.log 2>&1
+	cd build && $(abspath $(BINDER_VENV))/bin/python -c "import course_utils, torch, ipywidgets; \
+		print('binder venv:', course_utils.__file__, '| torch', torch.__version__, '| ipywidgets', ipywidgets.__version__)"
+	COURSE_QUICK=1 COURSE_FIGURES_DIR=$(abspath build)/binder-figures $(BINDER_VENV)/bin/python -m papermill --cwd notebooks \
+		-k python3 --log-level WARNING notebooks/00_welcome.ipynb build/binder-00_welcome.ipynb
+	@echo "binder-check passed: 00_welcome executed in the Binder environment (build/binder-00_welcome.ipynb)"
 
 ## clean: remove generated figures and caches (keeps .venv and data/cache)
 clean:

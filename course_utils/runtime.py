@@ -5,6 +5,9 @@
   (CUDA with bf16 support, CPUs with avx512_bf16 or AMX) and a no-op elsewhere;
   ``COURSE_PRECISION=fp32`` turns it off.
 * ``quick_mode()`` is true under ``COURSE_QUICK=1`` (CI and ``make test``).
+* Importing this module caps PyTorch's CPU threads at the container's CPU quota (``cpu_quota()``):
+  a Binder pod or CI container on a 64-core host with a 2-CPU quota would otherwise run 64
+  threads on 2 CPUs, which makes small operations 10-50x slower.  ``OMP_NUM_THREADS`` wins.
 """
 
 from __future__ import annotations
@@ -21,6 +24,37 @@ import torch
 
 _TRUE = {"1", "true", "yes", "on"}
 _CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_quota(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """CPUs this process may use under its cgroup quota (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``),
+    rounded up; ``None`` when no quota is set or the files are absent (bare metal, VMs, macOS)."""
+    root = Path(cgroup_root)
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            if quota == "max":
+                return None
+            quota_us, period_us = int(quota), int(period)
+        elif (root / "cpu" / "cpu.cfs_quota_us").exists():
+            quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    if quota_us <= 0 or period_us <= 0:
+        return None
+    return max(1, -(-quota_us // period_us))
+
+
+def _cap_threads_at_quota() -> None:
+    quota = cpu_quota()
+    if quota is not None and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > quota:
+        torch.set_num_threads(quota)
+
+
+_cap_threads_at_quota()
 
 
 def quick_mode() -> bool:
@@ -119,6 +153,7 @@ def environment_report() -> dict[str, str]:
     from course_utils import __version__
 
     device = get_device()
+    quota = cpu_quota()
     report = {
         "python": sys.version.split()[0],
         "platform": platform.platform(terse=True),
@@ -127,7 +162,7 @@ def environment_report() -> dict[str, str]:
         "course_utils": __version__,
         "device": str(device),
         "bf16 autocast": "on" if bf16_enabled(device) else "off",
-        "CPU threads": str(torch.get_num_threads()),
+        "CPU threads": f"{torch.get_num_threads()}" + (f" (cgroup quota: {quota} CPUs)" if quota else ""),
         "CPU bf16 / AMX": f"{cpu_supports_bf16()} / {cpu_has_amx()}",
         "quick mode": str(quick_mode()),
     }
