@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from course_utils.explain.concepts import (
-    concept_activation_vector, layer_activations, prototypes, tcav, tcav_score,
+    concept_activation_vector, layer_activations, prototypes, tcav, tcav_concepts, tcav_score,
 )
 
 
@@ -41,6 +41,20 @@ def test_a_concept_the_target_uses_is_significant_and_a_random_concept_is_not():
     assert not unrelated.significant  # measured p = 0.12 (red: p = 0.002)
     with pytest.raises(ValueError, match="at least 3 random sets"):
         tcav(model, model.layer, inputs, lambda y: y, red, randoms[:2])
+
+
+def test_tcav_of_several_concepts_at_once_equals_one_call_per_concept():
+    model = RednessModel()
+    red, blue = random_images(30, 0), random_images(30, 50)
+    red[:, 0] = 0.8 + 0.2 * red[:, 0]
+    blue[:, 2] = 0.8 + 0.2 * blue[:, 2]
+    randoms = [random_images(30, seed) for seed in range(1, 6)]
+    inputs = random_images(20, 100)
+    together = tcav_concepts(model, model.layer, inputs, lambda y: y, {"red": red, "blue": blue}, randoms)
+    for name, examples in (("red", red), ("blue", blue)):
+        alone = tcav(model, model.layer, inputs, lambda y: y, examples, randoms)
+        assert together[name].scores == alone.scores and together[name].p_value == alone.p_value
+    assert together["red"].random_scores == together["blue"].random_scores  # one shared null distribution
 
 
 def test_cav_points_towards_the_concept_and_the_score_counts_positive_derivatives():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -132,23 +132,34 @@ def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Targe
         concept: concept example images [n_c, 3, H, W]; random_sets: at least 3 sets of random images.
         alpha: significance level of the two-sided t-test (concept CAVs vs random-vs-random CAVs).
     """
+    return tcav_concepts(model, layer, inputs, target, {"concept": concept}, random_sets, alpha, batch_size)["concept"]
+
+
+def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target,
+                  concepts: Mapping[str, torch.Tensor], random_sets: Sequence[torch.Tensor], alpha: float = 0.05,
+                  batch_size: int = 256) -> dict[str, TCAVResult]:
+    """``tcav`` for several concepts at once: the gradients, the random activations and the null
+    distribution (random-vs-random CAVs) are computed once and shared; ``{name: TCAVResult}``."""
     from scipy.stats import ttest_ind
 
     if len(random_sets) < 3:
         raise ValueError(f"the significance test needs at least 3 random sets, got {len(random_sets)}")
     _, gradients = _capture(model, layer, inputs, target, batch_size)
-    concept_acts = layer_activations(model, layer, concept, batch_size)
     random_acts = [layer_activations(model, layer, r, batch_size) for r in random_sets]
-    scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r)) for r in random_acts]
     random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)]))
                      for i in range(len(random_acts))]
-    if np.std(scores) == 0 and np.std(random_scores) == 0:
-        p_value = 1.0 if scores[0] == random_scores[0] else 0.0
-    else:
-        with warnings.catch_warnings():  # one group may be constant (every score 1): scipy warns, the test holds
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p_value = float(ttest_ind(scores, random_scores).pvalue)
-    return TCAVResult(float(np.mean(scores)), scores, random_scores, p_value, p_value < alpha)
+    results = {}
+    for name, concept in concepts.items():
+        concept_acts = layer_activations(model, layer, concept, batch_size)
+        scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r)) for r in random_acts]
+        if np.std(scores) == 0 and np.std(random_scores) == 0:
+            p_value = 1.0 if scores[0] == random_scores[0] else 0.0
+        else:
+            with warnings.catch_warnings():  # one group may be constant (every score 1): scipy warns, the test holds
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p_value = float(ttest_ind(scores, random_scores).pvalue)
+        results[name] = TCAVResult(float(np.mean(scores)), scores, random_scores, p_value, p_value < alpha)
+    return results
 
 
 @dataclass
