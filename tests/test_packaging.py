@@ -1,31 +1,39 @@
 """Packaging: the two install paths (make setup, Binder) agree; CI and README use the same commands."""
 
+import os
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def requirement_names(path: Path) -> set[str]:
-    names = set()
+def requirements(path: Path) -> dict[str, str]:
+    """package name -> version specifier (spaces removed), options and comments skipped."""
+    found = {}
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].replace(" ", "")
         if not line or line.startswith("-"):
             continue
-        names.add(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-"))
-    return names
+        name, specifier = re.match(r"([A-Za-z0-9_.\-]+)(.*)", line).groups()
+        found[name.lower().replace("_", "-")] = specifier
+    return found
 
 
-def test_binder_and_top_level_requirements_list_the_same_packages():
-    top = requirement_names(ROOT / "requirements.txt")
-    binder = requirement_names(ROOT / "binder" / "requirements.txt")
-    assert top == binder, f"only in requirements.txt: {top - binder}; only in binder: {binder - top}"
+def test_binder_and_top_level_requirements_list_the_same_packages_and_versions():
+    top = requirements(ROOT / "requirements.txt")
+    binder = requirements(ROOT / "binder" / "requirements.txt")
+    assert top.keys() == binder.keys(), (f"only in requirements.txt: {top.keys() - binder.keys()}; "
+                                         f"only in binder: {binder.keys() - top.keys()}")
+    differ = {name: (top[name], binder[name]) for name in top if top[name] != binder[name]}
+    assert not differ, f"version ranges differ (requirements.txt, binder): {differ}"
     for must in ("torch", "torchvision", "jupyterlab", "ipywidgets", "captum", "papermill", "nbval"):
         assert must in top
 
 
 def test_binder_installs_the_package_and_pins_python():
-    assert "pip install" in (ROOT / "binder" / "postBuild").read_text()
+    post_build = ROOT / "binder" / "postBuild"
+    assert "pip install" in post_build.read_text()
+    assert os.access(post_build, os.X_OK), "binder/postBuild must be executable (chmod +x; git keeps the mode)"
     assert (ROOT / "binder" / "runtime.txt").read_text().startswith("python-3.11")
 
 
