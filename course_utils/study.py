@@ -1,0 +1,634 @@
+"""The interpretability-vs-performance study of notebook 08 (SCIENCE.md section 9).
+
+A grid of SimCLR encoders that differ in one factor at a time (depth, width, training length, colour
+jitter, Q-Score regularisation, plus an untrained reference) is measured twice on ShapesWorld:
+
+* performance: linear-probe accuracy on frozen h (held-out test split);
+* interpretability, on ground truth: pointing game, mask IoU and deletion AUC of five saliency
+  explainers (Grad-CAM with the probe class, the contrastive view-pair loss and the top feature of h;
+  RELAX; AGF with the probe class), FALCON's concept precision P@1, and the share of nuisance concepts
+  (object colour, background colour) that TCAV finds significant for the probe's classes.
+
+    python -m course_utils.study                   # the CPU grid, full settings (about 10 minutes)
+    python -m course_utils.study --quick           # the same grid, small settings (CI)
+    python -m course_utils.study --grid gpu --train  # train the larger grid first (GPU recommended)
+
+Results are cached per encoder in ``data/cache/study`` (keyed by the checkpoint's sha256 and the
+settings), so a re-run only measures what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_utils.data.augment import SimCLRAugment
+from course_utils.data.datasets import default_data_root
+from course_utils.data.shapes import ShapesWorld
+from course_utils.models import (
+    SimCLRModel, atomic_write, checkpoint_dir, load_checkpoint, load_pretrained, resnet, save_checkpoint,
+    verify_checksum, write_checksum,
+)
+from course_utils.runtime import autocast, get_device, quick_mode, seed_everything
+
+BASE_CHECKPOINT = "simclr-shapes-r10"
+TRAIN_WORLD = {"n": 20_000, "size": 32, "seed": 0}  # the world of the committed encoders (train.PRESETS)
+NO_COLOUR = {"jitter_p": 0.0, "grayscale_p": 0.0}
+FINETUNE_EPOCHS = 2
+FINETUNE_LR = 1e-4
+QSCORE_LAMBDA = 0.1  # notebook 04's strong penalty; the thesis' 1e-4 changes nothing measurable here
+QSCORE_EPS = 4.0
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder of the grid.
+
+    Attributes:
+        name: short label used in tables and figures.
+        factor: the factor this encoder varies against the base ("base", "depth", "width",
+            "training length", "colour jitter", "Q-Score regularisation", "untrained").
+        depth, width, epochs: architecture (``models.resnet``) and SimCLR epochs on ``TRAIN_WORLD``.
+        colour: colour jitter and grayscale in the augmentation.
+        finetune: None, "control" (the base fine-tuned with plain SimCLR) or "qscore" (fine-tuned with the
+            Q-Score penalty of eq. 3.3), ``FINETUNE_EPOCHS`` epochs at ``FINETUNE_LR``.
+        checkpoint: the committed checkpoint that is this encoder (``data/checkpoints``), else the file
+            ``<name>.pt`` in the grid's folder.
+    """
+
+    name: str
+    factor: str
+    depth: int = 10
+    width: int = 32
+    epochs: int = 25
+    colour: bool = True
+    finetune: str | None = None
+    checkpoint: str | None = None
+
+
+GRIDS: dict[str, list[EncoderSpec]] = {
+    "cpu": [
+        EncoderSpec("r10-w32", "base", checkpoint=BASE_CHECKPOINT),
+        EncoderSpec("r10-w32-8ep", "training length", epochs=8, checkpoint="simclr-shapes-r10-8ep"),
+        EncoderSpec("r10-w32-nocolour", "colour jitter", colour=False, checkpoint="simclr-shapes-r10-nocolor"),
+        EncoderSpec("r10-w16", "width", width=16),
+        EncoderSpec("r18-w16", "depth", depth=18, width=16),
+        EncoderSpec("r10-w32-ft", "Q-Score regularisation", finetune="control"),
+        EncoderSpec("r10-w32-ft-qscore", "Q-Score regularisation", finetune="qscore"),
+        EncoderSpec("r10-w32-untrained", "untrained", epochs=0),
+    ],
+}
+GRIDS["gpu"] = GRIDS["cpu"] + [
+    EncoderSpec("r10-w64", "width", width=64),
+    EncoderSpec("r18-w32", "depth", depth=18),
+    EncoderSpec("r18-w64", "depth", depth=18, width=64),
+    EncoderSpec("r10-w32-100ep", "training length", epochs=100),
+    EncoderSpec("r18-w64-nocolour", "colour jitter", depth=18, width=64, colour=False),
+]
+
+
+def grid_dir(grid: str) -> Path:
+    """Where the grid's trained encoders live: committed (``data/checkpoints/study``) for the CPU grid,
+    ``<data root>/study/<grid>`` for the others."""
+    return checkpoint_dir() / "study" if grid == "cpu" else default_data_root() / "study" / grid
+
+
+def _check_grid(grid: str) -> list[EncoderSpec]:
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+    return GRIDS[grid]
+
+
+def checkpoint_path(spec: EncoderSpec, grid: str) -> Path | None:
+    """The file of a trained encoder (None for the untrained reference, which is built from a seed)."""
+    if spec.epochs == 0:
+        return None
+    if spec.checkpoint is not None:
+        return checkpoint_dir() / f"{spec.checkpoint}.pt"
+    return grid_dir(grid) / f"{spec.name}.pt"
+
+
+def load_encoder(spec: EncoderSpec, grid: str, seed: int = 0) -> SimCLRModel:
+    """The SimCLR model (encoder + projector) of ``spec``, in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: the encoder is not trained yet, with the command that trains it.
+    """
+    if spec.epochs == 0:
+        torch.manual_seed(seed)
+        return SimCLRModel(resnet(spec.depth, spec.width)).eval()
+    if spec.checkpoint is not None:
+        return load_pretrained(spec.checkpoint)
+    path = checkpoint_path(spec, grid)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder {spec.name} of grid {grid!r} is not trained yet ({path} is missing); "
+                                f"train it with `python -m course_utils.study --grid {grid} --train`")
+    return load_checkpoint(path)
+
+
+def train_encoder(spec: EncoderSpec, grid: str, device: torch.device | None = None, seed: int = 0,
+                  progress: bool = True) -> Path:
+    """Train ``spec`` (SimCLR from scratch, or a fine-tuning of the base) and save it atomically.
+
+    The CPU grid's files go to ``data/checkpoints/study`` with their sha256 in ``SHA256SUMS``.
+    """
+    path = checkpoint_path(spec, grid)
+    if path is None or spec.checkpoint is not None:
+        raise ValueError(f"{spec.name} is not trained by the study (it is untrained or a committed checkpoint)")
+    device = device or get_device()
+    seed_everything(seed)
+    world = ShapesWorld(split="train", **TRAIN_WORLD)
+    started = time.perf_counter()
+    if spec.finetune is None:
+        model = SimCLRModel(resnet(spec.depth, spec.width))
+        augment = SimCLRAugment(TRAIN_WORLD["size"], **({} if spec.colour else NO_COLOUR))
+        history = _train(model, world, spec.epochs, 2e-3, 0.03, augment, device, seed, progress, None)
+    else:
+        if spec.finetune not in ("control", "qscore"):
+            raise ValueError(f"finetune must be None, 'control' or 'qscore', got {spec.finetune!r}")
+        model = load_pretrained(BASE_CHECKPOINT)
+        penalty = None
+        if spec.finetune == "qscore":
+            from course_utils.explain.qscore import qscore, qscore_penalty
+            from course_utils.simclr import extract_features
+
+            population = ShapesWorld(n=5_000, size=TRAIN_WORLD["size"], seed=seed + 11, split="train")
+            H, _ = extract_features(model.encoder, population, device=device, progress=False)
+            discriminative = qscore(H, eps=QSCORE_EPS).discriminative
+
+            def penalty(h: torch.Tensor) -> torch.Tensor:
+                return qscore_penalty(h, discriminative, eps=QSCORE_EPS, lambda1=QSCORE_LAMBDA,
+                                      lambda2=QSCORE_LAMBDA)
+        history = _train(model, world, FINETUNE_EPOCHS, FINETUNE_LR, 0.0, SimCLRAugment(TRAIN_WORLD["size"]),
+                         device, seed, progress, penalty)
+    metadata = {"study": asdict(spec), "grid": grid, "device": str(device), "seed": seed,
+                "train_minutes": round((time.perf_counter() - started) / 60, 2),
+                "loss": [round(v, 4) for v in history.loss],
+                "command": f"python -m course_utils.study --grid {grid} --train"}
+    save_checkpoint(model.cpu(), path, **metadata)
+    if grid == "cpu":
+        write_checksum(path)
+    return path
+
+
+def _train(model: SimCLRModel, world: ShapesWorld, epochs: int, lr: float, warmup: float, augment: SimCLRAugment,
+           device: torch.device, seed: int, progress: bool,
+           penalty: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+    from course_utils.simclr import train_simclr
+
+    return train_simclr(model, world, epochs, batch_size=256, lr=lr, temperature=0.2, warmup_fraction=warmup,
+                        augment=augment, seed=seed, device=device, progress=progress, penalty=penalty)
+
+
+
+# --------------------------------------------------------------------------
+# Measuring one encoder
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudySettings:
+    """How much of each measurement to run (``FULL`` or ``QUICK``).
+
+    Attributes:
+        n_train, n_test: linear-probe training images (train split) and held-out images (test split).
+        n_explain: test images explained by every saliency explainer (pointing game, IoU, deletion AUC).
+        deletion_steps: points of each deletion curve minus one.
+        relax_masks: RELAX masks per image (``normalize=True``, the reference code's estimator).
+        layer: the Grad-CAM layer (and TCAV's): ``layer3`` is 8 × 8 at 32 px.
+        pg_tolerance: pointing-game tolerance in pixels (15 px at 224 px, scaled to 32 px).
+        falcon_probe: FALCON's probe set (test split, 30 % with a distractor bar, as notebook 05).
+        tcav_classes, tcav_inputs, tcav_examples, tcav_random_sets: TCAV of the probe's logit for the
+            first ``tcav_classes`` classes, on ``tcav_inputs`` test images each, with concept and random
+            sets of ``tcav_examples`` training images.
+    """
+
+    n_train: int = 5_000
+    n_test: int = 2_000
+    n_explain: int = 100
+    deletion_steps: int = 16
+    relax_masks: int = 600
+    layer: str = "layer3"
+    pg_tolerance: int = 2
+    falcon_probe: int = 3_000
+    tcav_classes: int = 4
+    tcav_inputs: int = 40
+    tcav_examples: int = 40
+    tcav_random_sets: int = 5
+    seed: int = 0
+
+
+FULL = StudySettings()
+QUICK = StudySettings(n_train=1_000, n_test=500, n_explain=16, deletion_steps=8, relax_masks=150, falcon_probe=1_000,
+                      tcav_classes=1, tcav_inputs=20, tcav_examples=30, tcav_random_sets=3)
+SALIENCY_EXPLAINERS = ["Grad-CAM (probe class)", "Grad-CAM (contrastive)", "Grad-CAM (top feature)", "RELAX",
+                       "AGF (probe class)"]
+NUISANCE_CONCEPTS = {"red object": {"color": "red"}, "blue object": {"color": "blue"},
+                     "navy background": {"background_color": "navy"},
+                     "gradient background": {"background": "gradient"}}
+
+
+@dataclass
+class StudyData:
+    """What every encoder of a study is measured on (built once by ``study_data``)."""
+
+    train: ShapesWorld
+    test: ShapesWorld
+    falcon_world: ShapesWorld
+    falcon_image_embeddings: torch.Tensor  # toy-CLIP embeddings of falcon_world [N, d]
+    caption_embeddings: torch.Tensor  # [M, d]
+    captions: list[str]
+    concept_sets: dict[str, torch.Tensor]  # nuisance concept -> images [n, 3, S, S]
+    random_sets: list[torch.Tensor]
+
+
+def study_data(settings: StudySettings) -> StudyData:
+    """The worlds, the toy-CLIP embeddings and the TCAV example sets of a study."""
+    from course_utils.data.captions import load_caption_set
+    from course_utils.vlm import caption_embeddings, load_toy_clip
+    from course_utils.widgets import select_samples
+
+    seed = settings.seed
+    train = ShapesWorld(n=max(settings.n_train, 4_000), size=32, seed=seed, split="train")
+    test = ShapesWorld(n=max(settings.n_test, settings.n_explain), size=32, seed=seed, split="test")
+    falcon_world = ShapesWorld(n=settings.falcon_probe, size=32, seed=seed, split="test", distractor_p=0.3)
+    clip = load_toy_clip(checkpoint_dir() / "vlm" / "shapes-clip.pt")
+    captions = load_caption_set()
+    train_images = train.images.float() / 255
+    generator = torch.Generator().manual_seed(seed)
+    concept_sets = {name: train_images[select_samples(train, **rule)[:settings.tcav_examples]]
+                    for name, rule in NUISANCE_CONCEPTS.items()}
+    random_sets = [train_images[torch.randperm(len(train), generator=generator)[:settings.tcav_examples]]
+                   for _ in range(settings.tcav_random_sets)]
+    return StudyData(train, test, falcon_world, clip.encode_images(falcon_world.images.float() / 255),
+                     caption_embeddings(clip, captions), captions, concept_sets, random_sets)
+
+
+def baseline_scores(data: StudyData, settings: StudySettings) -> dict[str, dict[str, float]]:
+    """Pointing game and mask IoU of the random map and the centre prior on the explained images."""
+    from course_utils.metrics import centre_prior, mask_iou, pointing_game, random_map
+
+    masks = data.test.masks[:settings.n_explain]
+    n = len(masks)
+    maps = {"random map": random_map(n, 32, torch.Generator().manual_seed(settings.seed)),
+            "centre prior": centre_prior(n, 32)}
+    return {name: {"pointing game": pointing_game(m, masks, settings.pg_tolerance),
+                   "mask IoU": mask_iou(m, masks).mean().item()} for name, m in maps.items()}
+
+
+def _saliency_maps(model: SimCLRModel, probe_model: nn.Module, head: nn.Module, images: torch.Tensor,
+                   predicted: torch.Tensor, settings: StudySettings, device: torch.device) -> dict[str, torch.Tensor]:
+    """Maps [B, 32, 32] of every saliency explainer for ``images`` (on ``device``)."""
+    from course_utils.explain.agf import agf, class_target
+    from course_utils.explain.gradcam import class_score, contrastive, feature, gradcam
+    from course_utils.explain.relax import relax_batch
+
+    encoder = model.encoder
+    layer = getattr(encoder, settings.layer)
+    views = SimCLRAugment(32)(images.cpu(), torch.Generator().manual_seed(settings.seed)).to(device)
+    with torch.no_grad():
+        top_feature = encoder(images).argmax(1)
+    relaxed = relax_batch(encoder, images, settings.relax_masks, normalize=True,
+                          generator=torch.Generator().manual_seed(settings.seed), progress=False)
+    return {
+        "Grad-CAM (probe class)": gradcam(probe_model, layer, images, class_score(predicted)),
+        "Grad-CAM (contrastive)": gradcam(model, layer, images, contrastive(views, temperature=0.2)),
+        "Grad-CAM (top feature)": gradcam(encoder, layer, images, feature(top_feature)),
+        "RELAX": relaxed.importance.to(device),
+        "AGF (probe class)": agf(encoder, images, class_target(head, predicted)),
+    }
+
+
+def _falcon_precision(H: torch.Tensor, data: StudyData) -> tuple[float, int]:
+    """FALCON's P@1 over the explainable features of H [N, r] (nan when none is explainable)."""
+    from course_utils.data.captions import concept_names
+    from course_utils.explain import falcon
+
+    world = data.falcon_world
+    try:
+        result = falcon.evaluate_features(H, data.falcon_image_embeddings, data.caption_embeddings, data.captions,
+                                          world.attributes, world.attribute_names, concept_names(world.attribute_names),
+                                          alpha=falcon.activation_threshold(H, 4.0), top_k=5, min_images=10,
+                                          beta=0.7, max_low=50)
+    except ValueError:  # no feature has enough highly activating images
+        return float("nan"), 0
+    return result.falcon["P@1"], int(result.falcon["features scored"])
+
+
+def _tcav_nuisance_share(probe_model: nn.Module, layer: nn.Module, data: StudyData, settings: StudySettings,
+                         device: torch.device) -> float:
+    """Share of (class, nuisance concept) pairs with a significant TCAV score for the probe's logit."""
+    from course_utils.explain.concepts import tcav_concepts
+
+    test_images = data.test.images.float() / 255
+    concepts = {name: examples.to(device) for name, examples in data.concept_sets.items()}
+    random_sets = [r.to(device) for r in data.random_sets]
+    significant = []
+    for c in range(settings.tcav_classes):
+        inputs = test_images[(data.test.labels == c).nonzero().flatten()[:settings.tcav_inputs]].to(device)
+        results = tcav_concepts(probe_model, layer, inputs, lambda out, c=c: out[:, c], concepts, random_sets)
+        significant.extend(r.significant for r in results.values())
+    return float(np.mean(significant))
+
+
+def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySettings,
+                     device: torch.device | None = None) -> dict[str, Any]:
+    """Probe accuracy and every interpretability measurement of one encoder.
+
+    Returns:
+        {"probe accuracy": float, "saliency": {explainer: {"pointing game", "mask IoU", "deletion AUC",
+        "seconds"}}, "FALCON P@1": float, "FALCON features": int, "TCAV nuisance share": float,
+        "seconds": float}.
+    """
+    from course_utils.metrics import deletion_auc, mask_iou, pointing_game
+    from course_utils.simclr import extract_features, linear_probe
+
+    device = device or get_device()
+    started = time.perf_counter()
+    model = copy.deepcopy(model).to(device).eval()
+    encoder = model.encoder
+    train = ShapesWorld(n=settings.n_train, size=32, seed=settings.seed, split="train")
+    H_train, y_train = extract_features(encoder, train, device=device, progress=False)
+    H_test, y_test = extract_features(encoder, data.test, device=device, progress=False)
+    probe = linear_probe(H_train, y_train, H_test[:settings.n_test], y_test[:settings.n_test])
+    head = probe.classifier.to(device)
+    probe_model = nn.Sequential(encoder, head).eval()
+
+    images = (data.test.images[:settings.n_explain].float() / 255).to(device)
+    masks = data.test.masks[:settings.n_explain]
+    with torch.no_grad():
+        predicted = probe_model(images).argmax(1)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return probe_model(x.to(device)).float().softmax(1)
+
+    saliency: dict[str, dict[str, float]] = {}
+    for name, maps in _saliency_maps(model, probe_model, head, images, predicted, settings, device).items():
+        maps = torch.nan_to_num(maps.float())
+        saliency[name] = {
+            "pointing game": pointing_game(maps.cpu(), masks, settings.pg_tolerance),
+            "mask IoU": mask_iou(maps.cpu(), masks).mean().item(),
+            "deletion AUC": deletion_auc(probabilities, images, maps, steps=settings.deletion_steps,
+                                         target=predicted).mean().item(),
+        }
+    H_falcon, _ = extract_features(encoder, data.falcon_world, device=device, progress=False)
+    p_at_1, n_features = _falcon_precision(H_falcon, data)
+    nuisance = _tcav_nuisance_share(probe_model, getattr(encoder, settings.layer), data, settings, device)
+    return {"probe accuracy": probe.accuracy, "saliency": saliency, "FALCON P@1": p_at_1,
+            "FALCON features": n_features, "TCAV nuisance share": nuisance,
+            "seconds": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------
+# The whole study, cached per encoder
+# --------------------------------------------------------------------------
+
+def _cache_key(spec: EncoderSpec, grid: str, settings: StudySettings) -> str:
+    from course_utils import __version__
+
+    path = checkpoint_path(spec, grid)
+    weights = verify_checksum(path) if path is not None else f"untrained seed {settings.seed}"
+    text = json.dumps([asdict(spec), asdict(settings), weights, __version__], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: nan -> None."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class StudyResult:
+    """The measurements of a grid.
+
+    Attributes:
+        rows: one dict per (encoder, explainer): encoder, factor, probe accuracy, explainer, and the
+            explainer's measurements (pointing game / mask IoU / deletion AUC, or FALCON P@1, or TCAV
+            nuisance share); missing measurements are None.
+        baselines: pointing game and mask IoU of the random map and the centre prior.
+        settings: the StudySettings used.
+        missing: encoders of the grid that are not trained (with the command that trains them).
+    """
+
+    rows: list[dict[str, Any]]
+    baselines: dict[str, dict[str, float]]
+    settings: StudySettings
+    missing: list[str] = field(default_factory=list)
+
+
+def _rows(spec: EncoderSpec, measured: dict[str, Any]) -> list[dict[str, Any]]:
+    common = {"encoder": spec.name, "factor": spec.factor, "probe accuracy": measured["probe accuracy"]}
+    rows = [{**common, "explainer": name, **scores} for name, scores in measured["saliency"].items()]
+    rows.append({**common, "explainer": "FALCON", "concept P@1": measured["FALCON P@1"],
+                 "features explained": measured["FALCON features"]})
+    rows.append({**common, "explainer": "TCAV", "nuisance share": measured["TCAV nuisance share"]})
+    return rows
+
+
+def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: torch.device | None = None,
+              cache: bool = True, progress: bool = True) -> StudyResult:
+    """Measure every trained encoder of ``grid`` (cached in ``<data root>/study/cache``).
+
+    Encoders that are not trained are listed in ``missing`` (never trained silently: that takes minutes
+    to hours; ``python -m course_utils.study --train`` does it).
+    """
+    specs = _check_grid(grid)
+    settings = settings or (QUICK if quick_mode() else FULL)
+    device = device or get_device()
+    cache_dir = default_data_root() / "study" / "cache"
+    data: StudyData | None = None
+    rows, missing = [], []
+    for spec in specs:
+        path = checkpoint_path(spec, grid)
+        if path is not None and not path.is_file():
+            missing.append(spec.name)
+            continue
+        cache_file = cache_dir / f"{grid}-{spec.name}-{_cache_key(spec, grid, settings)}.json"
+        if cache and cache_file.is_file():
+            measured = json.loads(cache_file.read_text())
+            source = "cached"
+        else:
+            if data is None:
+                data = study_data(settings)
+            measured = evaluate_encoder(load_encoder(spec, grid, settings.seed), data, settings, device)
+            atomic_write(cache_file, lambda f: f.write(json.dumps(_plain(measured), indent=1).encode()))
+            source = f"{measured['seconds']:.0f} s"
+        if progress:
+            print(f"{spec.name:<20} probe {measured['probe accuracy']:.1%}  ({source})", flush=True)
+        rows.extend(_rows(spec, measured))
+    if data is None:
+        data = study_data(settings)
+    rows = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    return StudyResult(rows, baseline_scores(data, settings), settings, missing)
+
+
+# --------------------------------------------------------------------------
+# The closing figure
+# --------------------------------------------------------------------------
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation of two sequences (average ranks for ties; nan when one is constant)."""
+    from scipy.stats import spearmanr
+
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+    if len(pairs) < 3:
+        return float("nan")
+    a, b = map(np.asarray, zip(*pairs))
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+PANELS = [("pointing game", SALIENCY_EXPLAINERS, +1), ("mask IoU", SALIENCY_EXPLAINERS, +1),
+          ("deletion AUC", SALIENCY_EXPLAINERS, -1), ("concept P@1", ["FALCON"], +1), ("nuisance share", ["TCAV"], -1)]
+EXPLAINER_ROWS = SALIENCY_EXPLAINERS + ["FALCON", "TCAV"]
+
+
+def improvement_correlations(result: StudyResult, exclude: Sequence[str] = ()) -> np.ndarray:
+    """Spearman ρ between probe accuracy and each explainer's measures across the encoders, signed so that
+    ρ > 0 means *explanations improve with accuracy* (the ρ of deletion AUC and of the nuisance share,
+    where lower is better, is negated).
+
+    Returns:
+        float [len(EXPLAINER_ROWS), 3]: columns pointing game (FALCON: P@1, TCAV: nuisance share),
+        mask IoU, deletion AUC; nan where not measured or constant.
+    """
+    correlations = np.full((len(EXPLAINER_ROWS), 3), np.nan)
+    for metric, explainers, sign in PANELS:
+        column = {"mask IoU": 1, "deletion AUC": 2}.get(metric, 0)
+        for explainer in explainers:
+            kept = [r for r in result.rows if r["explainer"] == explainer and r["encoder"] not in exclude]
+            rho = spearman([r["probe accuracy"] for r in kept], [r.get(metric) for r in kept])
+            correlations[EXPLAINER_ROWS.index(explainer), column] = sign * rho
+    return correlations
+
+
+def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = ()) -> tuple[Any, np.ndarray]:
+    """Interpretability vs performance: one point per encoder (marker) and explainer (colour) in each panel
+    (x: linear-probe accuracy, y: an explanation-quality measure on ground truth), the baselines as grey
+    lines, and a last panel with ``improvement_correlations``.
+
+    Args:
+        exclude: encoders left out of the ρ panel (e.g. the untrained reference, which sets the ranks alone).
+    Returns:
+        (fig, axes [2, 3]).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 10))
+    encoders = list(dict.fromkeys(r["encoder"] for r in result.rows))
+    markers = dict(zip(encoders, "osD^vP*Xhp<>"))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(EXPLAINER_ROWS)}
+    for ax, (metric, explainers, sign) in zip(axes.flat, PANELS):
+        for explainer in explainers:
+            for r in result.rows:
+                if r["explainer"] == explainer and r.get(metric) is not None:
+                    ax.scatter(r["probe accuracy"], r[metric], color=colours[explainer],
+                               marker=markers[r["encoder"]], s=60, alpha=0.85, edgecolor="black", linewidth=0.4)
+        if metric in ("pointing game", "mask IoU"):
+            for name, style in (("random map", ":"), ("centre prior", "--")):
+                ax.axhline(result.baselines[name][metric], color="gray", ls=style, lw=1)
+        ax.set_xlabel("linear-probe accuracy (performance)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} ({'higher' if sign > 0 else 'lower'} is better)")
+    ax = axes[1, 2]
+    correlations = improvement_correlations(result, exclude)
+    image = ax.imshow(correlations, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    ax.set_yticks(range(len(EXPLAINER_ROWS)), [*SALIENCY_EXPLAINERS, "FALCON (P@1)", "TCAV (nuisance share)"],
+                  fontsize=8)
+    ax.set_xticks(range(3), ["pointing game\n/ P@1 / share", "mask IoU", "deletion AUC"], fontsize=8)
+    for (i, j), value in np.ndenumerate(correlations):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="Spearman ρ, signed: > 0 = explanations improve with accuracy")
+    ax.set_title("Does better performance go with better explanations?")
+    handles = [Line2D([], [], ls="", marker="o", markersize=8, color=colours[e], label=e) for e in EXPLAINER_ROWS]
+    handles += [Line2D([], [], color="gray", ls=":", label="baseline: random map"),
+                Line2D([], [], color="gray", ls="--", label="baseline: centre prior")]
+    handles += [Line2D([], [], ls="", marker=markers[e], markersize=8, color="white", markeredgecolor="black",
+                       label=e) for e in encoders]
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
+    return fig, axes
+
+
+def format_table(result: StudyResult) -> str:
+    """A plain-text table: one line per encoder, pointing game per saliency explainer, FALCON, TCAV."""
+    encoders = list(dict.fromkeys(r["encoder"] for r in result.rows))
+    short = {"Grad-CAM (probe class)": "GC-probe", "Grad-CAM (contrastive)": "GC-contr", "Grad-CAM (top feature)":
+             "GC-feat", "RELAX": "RELAX", "AGF (probe class)": "AGF"}
+    header = f"{'encoder':<20}{'factor':<24}{'probe':>7}" + "".join(f"{v:>10}" for v in short.values()) + \
+        f"{'FALCON':>8}{'TCAV':>7}"
+    lines = [header, "(pointing game per explainer; FALCON concept P@1; TCAV share of nuisance concepts significant)"]
+    for encoder in encoders:
+        rows = {r["explainer"]: r for r in result.rows if r["encoder"] == encoder}
+        first = next(iter(rows.values()))
+        values = [rows[e]["pointing game"] for e in short]
+
+        def fmt(v: Any, width: int) -> str:
+            return f"{v:>{width}.2f}" if v is not None else f"{'–':>{width}}"
+
+        lines.append(f"{encoder:<20}{first['factor']:<24}{first['probe accuracy']:>7.1%}"
+                     + "".join(fmt(v, 10) for v in values)
+                     + fmt(rows["FALCON"]["concept P@1"], 8) + fmt(rows["TCAV"]["nuisance share"], 7))
+    for name, scores in result.baselines.items():
+        lines.append(f"baseline {name}: pointing game {scores['pointing game']:.2f}, mask IoU {scores['mask IoU']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The interpretability-vs-performance study (notebook 08).")
+    parser.add_argument("--grid", default="cpu", choices=sorted(GRIDS))
+    parser.add_argument("--train", action="store_true", help="train the grid's missing encoders first")
+    parser.add_argument("--only-train", action="store_true", help="train the missing encoders, measure nothing")
+    parser.add_argument("--retrain", action="store_true", help="with --train: retrain encoders that exist")
+    parser.add_argument("--encoders", nargs="+", metavar="NAME", help="only these encoders of the grid")
+    parser.add_argument("--quick", action="store_true", help="small settings (as COURSE_QUICK=1)")
+    parser.add_argument("--out", type=Path, help="also write the rows and baselines as JSON here")
+    args = parser.parse_args(argv)
+    specs = _check_grid(args.grid)
+    if args.encoders:
+        unknown = set(args.encoders) - {spec.name for spec in specs}
+        if unknown:
+            parser.error(f"not in grid {args.grid!r}: {', '.join(sorted(unknown))}")
+        specs = [spec for spec in specs if spec.name in args.encoders]
+    device = get_device()
+    if args.train or args.only_train:
+        for spec in specs:
+            path = checkpoint_path(spec, args.grid)
+            if path is None or spec.checkpoint is not None or (path.is_file() and not args.retrain):
+                continue
+            print(f"training {spec.name} ({spec.factor}) on {device} -> {path}", flush=True)
+            train_encoder(spec, args.grid, device, progress=False)
+            print(f"  done: {json.dumps(load_checkpoint(path).metadata.get('train_minutes'))} min", flush=True)
+    if args.only_train:
+        return
+    settings = QUICK if args.quick or quick_mode() else FULL
+    result = run_study(args.grid, settings, device)
+    print(format_table(result))
+    if result.missing:
+        print(f"not trained yet (run with --train): {', '.join(result.missing)}")
+    if args.out:
+        atomic_write(Path(args.out), lambda f: f.write(json.dumps(
+            {"grid": args.grid, "settings": asdict(settings), "rows": result.rows, "baselines": result.baselines,
+             "missing": result.missing}, indent=1).encode()))
+
+
+if __name__ == "__main__":
+    main()
