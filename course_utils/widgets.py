@@ -80,7 +80,8 @@ def shapes_explorer(worlds: Mapping[str, ShapesWorld], count: int = 8) -> widget
     """Dropdowns for every attribute, a data-set variant selector and a mask toggle."""
     first = next(iter(worlds.values()))
     dropdowns = {
-        name: widgets.Dropdown(options=[ANY, *first.attribute_names[name]], value=ANY, description=name)
+        name: widgets.Dropdown(options=[ANY, *first.attribute_names[name]], value=ANY, description=name,
+                               style={"description_width": "125px"}, layout=widgets.Layout(width="250px"))
         for name in FILTERABLE
     }
     variant = widgets.ToggleButtons(options=list(worlds), description="data set")
@@ -102,7 +103,7 @@ def shapes_explorer(worlds: Mapping[str, ShapesWorld], count: int = 8) -> widget
         control.observe(refresh, names="value")
     refresh()
     controls = widgets.GridBox(
-        list(dropdowns.values()), layout=widgets.Layout(grid_template_columns="repeat(4, 240px)")
+        list(dropdowns.values()), layout=widgets.Layout(grid_template_columns="repeat(4, 260px)")
     )
     return widgets.VBox([variant, controls, show_masks, summary, output])
 
