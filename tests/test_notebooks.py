@@ -30,6 +30,29 @@ def test_papermill_overrides_the_parameters_cell(notebook, tmp_path):
     assert "SEED = 1" in "".join(cells[position + 1]["source"])
 
 
+def _settings(cells: list[dict], quick_by_environment: bool) -> dict:
+    """Run the parameters cell, papermill's injected cell (if any) and the sizes cell after them."""
+    namespace = {"quick_mode": lambda: quick_by_environment}
+    for cell in cells:
+        source = "".join(cell["source"])
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "parameters" in tags or "injected-parameters" in tags or source.startswith("# Sizes that follow QUICK"):
+            exec(source, namespace)
+    return {k: v for k, v in namespace.items() if k.isupper()}
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_quick_true_gives_the_same_sizes_as_course_quick(notebook, tmp_path):
+    """`papermill -p QUICK True` must shrink every size, as COURSE_QUICK=1 does: the sizes that depend on
+    QUICK live after the parameters cell, where papermill injects its values."""
+    out = tmp_path / notebook.name
+    papermill.execute_notebook(str(notebook), str(out), parameters={"QUICK": True}, prepare_only=True,
+                               kernel_name="python3", progress_bar=False)
+    injected = _settings(json.loads(out.read_text())["cells"], quick_by_environment=False)
+    by_environment = _settings(json.loads(notebook.read_text())["cells"], quick_by_environment=True)
+    assert injected == by_environment
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_follows_the_template(notebook):
     cells = json.loads(notebook.read_text())["cells"]
