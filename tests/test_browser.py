@@ -165,10 +165,20 @@ def _screenshot(driver, name: str) -> None:
     driver.save_screenshot(str(SCREENSHOTS / name))
 
 
-def _output_of(control):
-    """The first widget Output area after ``control`` inside the same widget box (its HTML)."""
+def _move_and_check(browser, css: str, move, what: str) -> None:
+    """Find the first widget control matching ``css``, wait for its widget's figure, ``move(control)`` and
+    wait until the figure has changed."""
+    control = _wait(lambda: browser.find_elements("css selector", css), 30, f"the {what} control")[0]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", control)
     box = control.find_element("xpath", "ancestor::div[contains(@class, 'widget-vbox')][1]")
-    return box.find_element("css selector", ".widget-output")
+    output = box.find_element("css selector", ".widget-output")
+
+    def figure() -> str | None:
+        return output.get_attribute("innerHTML") if output.find_elements("css selector", "img") else None
+
+    before = _wait(figure, 60, f"the {what} figure")
+    move(control)
+    _wait(lambda: figure() not in (None, before), 60, f"the {what} figure to change after the control moved")
 
 
 def test_welcome_runs_in_the_browser_and_the_explorer_follows_its_dropdown(lab, browser):
@@ -177,16 +187,12 @@ def test_welcome_runs_in_the_browser_and_the_explorer_follows_its_dropdown(lab, 
     base, token = lab
     state = _run_all_cells(browser, base, token, "00_welcome.ipynb", timeout=240)
     assert state["cells"] > 5
-    dropdown = _wait(lambda: browser.find_elements("css selector", ".widget-dropdown select"), 30,
-                     "the explorer's dropdowns")[0]
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", dropdown)
-    output = _output_of(dropdown)
-    before = _wait(lambda: output.get_attribute("innerHTML") if output.find_elements("css selector", "img") else None,
-                   60, "the explorer's first figure")
-    _screenshot(browser, "00_welcome-explorer-before.png")
-    Select(dropdown).select_by_index(1)
-    _wait(lambda: output.get_attribute("innerHTML") != before and output.find_elements("css selector", "img"), 60,
-          "the explorer's figure to change after the dropdown moved")
+
+    def choose_second_value(dropdown) -> None:
+        _screenshot(browser, "00_welcome-explorer-before.png")
+        Select(dropdown).select_by_index(1)
+
+    _move_and_check(browser, ".widget-dropdown select", choose_second_value, "ShapesWorld explorer")
     _screenshot(browser, "00_welcome-explorer-after.png")
 
 
@@ -195,15 +201,11 @@ def test_simclr_runs_in_the_browser_and_the_augmentation_view_follows_its_slider
 
     base, token = lab
     _run_all_cells(browser, base, token, "01_simclr.ipynb", timeout=300)
-    handle = _wait(lambda: browser.find_elements("css selector", ".widget-slider .noUi-handle"), 30,
-                   "a slider of the augmentation explorer")[0]
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
-    output = _output_of(handle)
-    before = _wait(lambda: output.get_attribute("innerHTML") if output.find_elements("css selector", "img") else None,
-                   60, "the augmentation explorer's first figure")
-    handle.click()
-    for _ in range(3):
-        handle.send_keys(Keys.ARROW_LEFT)
-    _wait(lambda: output.get_attribute("innerHTML") != before and output.find_elements("css selector", "img"), 60,
-          "the augmentation figure to change after the slider moved")
+
+    def three_steps_left(handle) -> None:
+        handle.click()
+        for _ in range(3):
+            handle.send_keys(Keys.ARROW_LEFT)
+
+    _move_and_check(browser, ".widget-slider .noUi-handle", three_steps_left, "augmentation explorer")
     _screenshot(browser, "01_simclr-augmentation-explorer.png")
