@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.explain.gradcam import layer_gradient
+
 Target = Callable[[torch.Tensor], torch.Tensor]  # model output -> one score per input [B]
 
 
@@ -32,35 +34,23 @@ def _capture(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: T
     """Flattened activations of ``layer`` [N, D] and, given a target, the gradients of the target at them."""
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-    if not any(m is layer for m in model.modules()):
-        raise ValueError(f"{type(layer).__name__} is not a module of the model")
     device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
 
-    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        activation = output.detach().float().requires_grad_(target is not None)
-        captured.append(activation)
-        return activation.to(output.dtype)
+    def scorer(n: int) -> Target:
+        def score(output: torch.Tensor) -> torch.Tensor:
+            scores = target(output)
+            if scores.shape != (n,):
+                raise ValueError(f"the target must give one score per image, got shape {tuple(scores.shape)}")
+            return scores
+        return score
 
-    was_training = model.training
-    model.eval()
-    handle = layer.register_forward_hook(keep)
     activations, gradients = [], []
-    try:
-        for batch in images.split(batch_size):
-            captured.clear()
-            with torch.set_grad_enabled(target is not None):
-                output = model(batch.to(device))
-                if target is not None:
-                    scores = target(output)
-                    if scores.shape != (batch.shape[0],):
-                        raise ValueError(f"the target must give one score per image, got shape {tuple(scores.shape)}")
-                    (gradient,) = torch.autograd.grad(scores.sum(), captured[-1])
-                    gradients.append(gradient.flatten(1).cpu())
-            activations.append(captured[-1].detach().flatten(1).cpu())
-    finally:
-        handle.remove()
-        model.train(was_training)
+    for batch in images.split(batch_size):
+        score = scorer(len(batch)) if target is not None else None
+        activation, gradient = layer_gradient(model, layer, batch.to(device), score)
+        activations.append(activation.flatten(1).cpu())
+        if gradient is not None:
+            gradients.append(gradient.flatten(1).cpu())
     return torch.cat(activations), (torch.cat(gradients) if target is not None else None)
 
 

@@ -144,6 +144,53 @@ class contrastive:  # noqa: N801
         return logits.log_softmax(1)[torch.arange(batch), torch.arange(batch)]
 
 
+def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor,
+                   score: Callable[[Any], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output of ``layer`` while ``model(x)`` runs and, given ``score``, the gradient of
+    ``score(model(x)).sum()`` with respect to it — the hook behind Grad-CAM, Interaction-CAM and TCAV.
+
+    The model runs in eval mode (its mode is restored); the activation is captured in float32 (also under
+    autocast) and handed on as a copy, so in-place operations downstream cannot change it.
+
+    Args:
+        model: any module; layer: a module called inside ``model``'s forward pass.
+        x: the model's input batch; score: model output -> scores [B] (one per input).
+    Returns:
+        (activation, gradient or None), float32, the layer's output shape (e.g. [B, K, h, w]), detached.
+    Raises:
+        ValueError: ``layer`` is not part of the model, is not called, or the score does not depend on it.
+    """
+    if not any(m is layer for m in model.modules()):
+        raise ValueError(f"{type(layer).__name__} is not a module of the model; pass e.g. model.encoder.layer4")
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"{type(layer).__name__} returns a {type(output).__name__}, not a tensor")
+        activation = output.detach().float().requires_grad_(score is not None)
+        captured.append(activation)
+        return activation.to(output.dtype).clone()
+
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.set_grad_enabled(score is not None):
+            output = model(x)
+            if not captured:
+                raise ValueError(f"{type(layer).__name__} was not called in the model's forward pass")
+            gradient = None
+            if score is not None:
+                (gradient,) = torch.autograd.grad(score(output).sum(), captured[-1], allow_unused=True)
+                if gradient is None:
+                    raise ValueError(f"the score does not depend on {type(layer).__name__}: pick a layer on the "
+                                     "path to the score, e.g. model.encoder.layer4 (the projector comes after h)")
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured[-1].detach(), gradient
+
+
 def gradcam(
     model: nn.Module, layer: nn.Module, x: torch.Tensor, target: Target, upsample: bool = True, relu: bool = True,
 ) -> torch.Tensor:
@@ -161,43 +208,22 @@ def gradcam(
     """
     if x.ndim != 4:
         raise ValueError(f"gradcam expects images [B, C, H, W], got shape {tuple(x.shape)}")
-    if not any(m is layer for m in model.modules()):
-        raise ValueError(f"{type(layer).__name__} is not a module of the model; pass e.g. model.encoder.layer4")
-    captured: list[torch.Tensor] = []
+    if hasattr(target, "prepare"):
+        target.prepare(model)
 
-    def keep_activation(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
-            raise ValueError(f"Grad-CAM needs a layer with a feature map [B, K, h, w]; {type(layer).__name__} "
-                             f"gives {getattr(output, 'shape', type(output).__name__)}")
-        activation = output.detach().float().requires_grad_()
-        captured.append(activation)
-        return activation.to(output.dtype).clone()  # downstream may modify it in place; `activation` stays
-
-    was_training = model.training
-    model.eval()
-    try:
-        if hasattr(target, "prepare"):
-            target.prepare(model)
-        handle = layer.register_forward_hook(keep_activation)
-        try:
-            with torch.enable_grad():
-                scores = target(model(x))
-        finally:
-            handle.remove()
-        if not captured:
-            raise ValueError(f"{type(layer).__name__} was not called in the model's forward pass")
+    def score(output: Any) -> torch.Tensor:
+        scores = target(output)
         if scores.shape != (x.shape[0],):
             raise ValueError(f"the target must give one score per image, shape [{x.shape[0]}], "
                              f"got {tuple(scores.shape)}")
-        activation = captured[-1]
-        (gradient,) = torch.autograd.grad(scores.sum(), activation, allow_unused=True)
-    finally:
-        model.train(was_training)
-    if gradient is None:
-        raise ValueError(f"the target does not depend on {type(layer).__name__}: pick a layer on the path to the "
-                         "score, e.g. model.encoder.layer4 (the projector comes after h)")
+        return scores
+
+    activation, gradient = layer_gradient(model, layer, x, score)
+    if activation.ndim != 4:
+        raise ValueError(f"Grad-CAM needs a layer with a feature map [B, K, h, w]; {type(layer).__name__} "
+                         f"gives {tuple(activation.shape)}")
     weights = gradient.mean((2, 3), keepdim=True)  # alpha_k [B, K, 1, 1]
-    cam = (weights * activation.detach()).sum(1)  # [B, h, w]
+    cam = (weights * activation).sum(1)  # [B, h, w]
     if relu:
         cam = cam.clamp(min=0)
     if upsample:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.explain.gradcam import layer_gradient
 from course_utils.metrics import gaussian_blur
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] in [0, 1] -> embeddings [N, d]
@@ -219,28 +220,8 @@ def interaction_cam(model: nn.Module, layer: nn.Module, x1: torch.Tensor, x2: to
         raise ValueError(f"alpha must be 'elementwise' or 'gap', got {alpha!r}")
     if x1.ndim != 4 or x1.shape != x2.shape:
         raise ValueError(f"need two batches [B, 3, H, W] of the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-    captured: list[torch.Tensor] = []
-
-    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        activation = output.detach().float().requires_grad_()
-        captured.append(activation)
-        return activation.to(output.dtype)
-
-    was_training = model.training
-    model.eval()
-    handle = layer.register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            z = model(torch.cat([x1, x2]))[1]
-            score = F.cosine_similarity(*z.float().chunk(2), dim=1)
-        if not captured:
-            raise ValueError(f"{type(layer).__name__} is not called in the model's forward pass")
-        features = captured[-1]
-        (gradient,) = torch.autograd.grad(score.sum(), features)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    features, gradient = features.detach(), gradient.detach()
+    features, gradient = layer_gradient(model, layer, torch.cat([x1, x2]),
+                                        lambda output: F.cosine_similarity(*output[1].float().chunk(2), dim=1))
     f1, f2 = features.chunk(2)
     g1, g2 = gradient.chunk(2)
     shared = (f1.mean((2, 3)) * f2.mean((2, 3)))[:, :, None, None]  # w_k [B, K, 1, 1]
