@@ -104,10 +104,17 @@ def grid_dir(grid: str) -> Path:
     return checkpoint_dir() / "study" if grid == "cpu" else default_data_root() / "study" / grid
 
 
-def _check_grid(grid: str) -> list[EncoderSpec]:
+def select_encoders(grid: str, names: Sequence[str] | None = None) -> list[EncoderSpec]:
+    """The specs of ``grid``, or of the encoders ``names`` in it (in the grid's order)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
-    return GRIDS[grid]
+    if names is None:
+        return GRIDS[grid]
+    unknown = set(names) - {spec.name for spec in GRIDS[grid]}
+    if unknown:
+        raise ValueError(f"not in grid {grid!r}: {', '.join(sorted(unknown))}; it has "
+                         f"{', '.join(spec.name for spec in GRIDS[grid])}")
+    return [spec for spec in GRIDS[grid] if spec.name in names]
 
 
 def checkpoint_path(spec: EncoderSpec, grid: str) -> Path | None:
@@ -441,13 +448,14 @@ def _rows(spec: EncoderSpec, measured: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: torch.device | None = None,
-              cache: bool = True, progress: bool = True) -> StudyResult:
-    """Measure every trained encoder of ``grid`` (cached in ``<data root>/study/cache``).
+              cache: bool = True, progress: bool = True, encoders: Sequence[str] | None = None) -> StudyResult:
+    """Measure every trained encoder of ``grid`` (or the named ``encoders`` of it), cached in
+    ``<data root>/study/cache``.
 
     Encoders that are not trained are listed in ``missing`` (never trained silently: that takes minutes
     to hours; ``python -m course_utils.study --train`` does it).
     """
-    specs = _check_grid(grid)
+    specs = select_encoders(grid, encoders)
     settings = settings or (QUICK if quick_mode() else FULL)
     device = device or get_device()
     cache_dir = default_data_root() / "study" / "cache"
@@ -473,8 +481,7 @@ def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: 
         rows.extend(_rows(spec, measured))
     if data is None:
         data = study_data(settings)
-    rows = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    return StudyResult(rows, baseline_scores(data, settings), settings, missing)
+    return StudyResult([_plain(r) for r in rows], baseline_scores(data, settings), settings, missing)
 
 
 # --------------------------------------------------------------------------
@@ -576,14 +583,14 @@ def format_table(result: StudyResult) -> str:
     header = f"{'encoder':<20}{'factor':<24}{'probe':>7}" + "".join(f"{v:>10}" for v in short.values()) + \
         f"{'FALCON':>8}{'TCAV':>7}"
     lines = [header, "(pointing game per explainer; FALCON concept P@1; TCAV share of nuisance concepts significant)"]
+
+    def fmt(v: Any, width: int) -> str:
+        return f"{v:>{width}.2f}" if v is not None else f"{'–':>{width}}"
+
     for encoder in encoders:
         rows = {r["explainer"]: r for r in result.rows if r["encoder"] == encoder}
         first = next(iter(rows.values()))
         values = [rows[e]["pointing game"] for e in short]
-
-        def fmt(v: Any, width: int) -> str:
-            return f"{v:>{width}.2f}" if v is not None else f"{'–':>{width}}"
-
         lines.append(f"{encoder:<20}{first['factor']:<24}{first['probe accuracy']:>7.1%}"
                      + "".join(fmt(v, 10) for v in values)
                      + fmt(rows["FALCON"]["concept P@1"], 8) + fmt(rows["TCAV"]["nuisance share"], 7))
@@ -602,12 +609,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small settings (as COURSE_QUICK=1)")
     parser.add_argument("--out", type=Path, help="also write the rows and baselines as JSON here")
     args = parser.parse_args(argv)
-    specs = _check_grid(args.grid)
-    if args.encoders:
-        unknown = set(args.encoders) - {spec.name for spec in specs}
-        if unknown:
-            parser.error(f"not in grid {args.grid!r}: {', '.join(sorted(unknown))}")
-        specs = [spec for spec in specs if spec.name in args.encoders]
+    try:
+        specs = select_encoders(args.grid, args.encoders)
+    except ValueError as error:
+        parser.error(str(error))
     device = get_device()
     if args.train or args.only_train:
         for spec in specs:
@@ -620,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.only_train:
         return
     settings = QUICK if args.quick or quick_mode() else FULL
-    result = run_study(args.grid, settings, device)
+    result = run_study(args.grid, settings, device, encoders=args.encoders)
     print(format_table(result))
     if result.missing:
         print(f"not trained yet (run with --train): {', '.join(result.missing)}")

@@ -33,6 +33,9 @@ def test_every_grid_encoder_is_committed_or_names_the_command_that_trains_it():
         study.load_encoder(study.GRIDS["gpu"][-1], "gpu")
     with pytest.raises(ValueError, match="unknown grid"):
         study.run_study("laptop")
+    assert [spec.name for spec in study.select_encoders("cpu", ["r18-w16", "r10-w32"])] == ["r10-w32", "r18-w16"]
+    with pytest.raises(ValueError, match="not in grid 'cpu': r50"):
+        study.select_encoders("cpu", ["r50"])
 
 
 def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache(test_grid, monkeypatch):
