@@ -25,12 +25,12 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from course_utils.data.augment import SimCLRAugment
@@ -41,10 +41,10 @@ from course_utils.models import (
     verify_checksum, write_checksum,
 )
 from course_utils.runtime import autocast, get_device, quick_mode, seed_everything
+from course_utils.train import NO_COLOUR
 
 BASE_CHECKPOINT = "simclr-shapes-r10"
 TRAIN_WORLD = {"n": 20_000, "size": 32, "seed": 0}  # the world of the committed encoders (train.PRESETS)
-NO_COLOUR = {"jitter_p": 0.0, "grayscale_p": 0.0}
 FINETUNE_EPOCHS = 2
 FINETUNE_LR = 1e-4
 QSCORE_LAMBDA = 0.1  # notebook 04's strong penalty; the thesis' 1e-4 changes nothing measurable here
@@ -165,18 +165,15 @@ def train_encoder(spec: EncoderSpec, grid: str, device: torch.device | None = No
         if spec.finetune not in ("control", "qscore"):
             raise ValueError(f"finetune must be None, 'control' or 'qscore', got {spec.finetune!r}")
         model = load_pretrained(BASE_CHECKPOINT)
-        penalty = None
+        penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
         if spec.finetune == "qscore":
             from course_utils.explain.qscore import qscore, qscore_penalty
             from course_utils.simclr import extract_features
 
             population = ShapesWorld(n=5_000, size=TRAIN_WORLD["size"], seed=seed + 11, split="train")
             H, _ = extract_features(model.encoder, population, device=device, progress=False)
-            discriminative = qscore(H, eps=QSCORE_EPS).discriminative
-
-            def penalty(h: torch.Tensor) -> torch.Tensor:
-                return qscore_penalty(h, discriminative, eps=QSCORE_EPS, lambda1=QSCORE_LAMBDA,
-                                      lambda2=QSCORE_LAMBDA)
+            penalty = partial(qscore_penalty, discriminative=qscore(H, eps=QSCORE_EPS).discriminative,
+                              eps=QSCORE_EPS, lambda1=QSCORE_LAMBDA, lambda2=QSCORE_LAMBDA)
         history = _train(model, world, FINETUNE_EPOCHS, FINETUNE_LR, 0.0, SimCLRAugment(TRAIN_WORLD["size"]),
                          device, seed, progress, penalty)
     metadata = {"study": asdict(spec), "grid": grid, "device": str(device), "seed": seed,
@@ -196,7 +193,6 @@ def _train(model: SimCLRModel, world: ShapesWorld, epochs: int, lr: float, warmu
 
     return train_simclr(model, world, epochs, batch_size=256, lr=lr, temperature=0.2, warmup_fraction=warmup,
                         augment=augment, seed=seed, device=device, progress=progress, penalty=penalty)
-
 
 
 # --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ The notebooks run on copies in a temporary folder, in quick mode, so the committ
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -28,9 +29,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 
 def _why_not() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -r requirements.txt)"
     if CHROMIUM is None or CHROMEDRIVER is None:
         return ("Chromium or chromedriver is not installed: apt-get install chromium chromium-driver "

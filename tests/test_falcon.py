@@ -1,7 +1,5 @@
 """FALCON's formulas against independent implementations, the crop box, and a planted concept end to end."""
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F

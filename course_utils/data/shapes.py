@@ -395,7 +395,6 @@ class ShapesWorld(torch.utils.data.Dataset):
         def pool(t: torch.Tensor) -> torch.Tensor:  # [B, G, G] -> [B, S, S]
             return F.avg_pool2d(t[:, None], ss)[:, 0]
 
-        everyone = torch.arange(count)
         alpha = torch.empty(count, size * ss, size * ss)
         pattern_alpha = torch.zeros(count, size, size)
         for k, name in enumerate(SHAPES):
