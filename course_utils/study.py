@@ -443,10 +443,23 @@ def _rows(spec: EncoderSpec, measured: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def committed_results_dir() -> Path:
+    """``data/study``: measurements committed with the course (the cpu grid at ``FULL`` settings), so that
+    notebook 08 opens in seconds on a fresh clone.  A file is used only when its name carries the same
+    key as a fresh measurement would (checkpoint sha256, settings, course_utils version)."""
+    return checkpoint_dir().parent / "study"
+
+
+def result_file(spec: EncoderSpec, grid: str, settings: StudySettings) -> str:
+    """The file name of one encoder's measurements, keyed by checkpoint and settings."""
+    return f"{grid}-{spec.name}-{_cache_key(spec, grid, settings)}.json"
+
+
 def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: torch.device | None = None,
               cache: bool = True, progress: bool = True, encoders: Sequence[str] | None = None) -> StudyResult:
     """Measure every trained encoder of ``grid`` (or the named ``encoders`` of it), cached in
-    ``<data root>/study/cache``.
+    ``<data root>/study/cache``; with ``cache``, committed measurements (``committed_results_dir``) with the
+    same key are read too.
 
     Encoders that are not trained are listed in ``missing`` (never trained silently: that takes minutes
     to hours; ``python -m course_utils.study --train`` does it).
@@ -462,10 +475,11 @@ def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: 
         if path is not None and not path.is_file():
             missing.append(spec.name)
             continue
-        cache_file = cache_dir / f"{grid}-{spec.name}-{_cache_key(spec, grid, settings)}.json"
-        if cache and cache_file.is_file():
-            measured = json.loads(cache_file.read_text())
-            source = "cached"
+        cache_file = cache_dir / result_file(spec, grid, settings)
+        stored = [f for f in (cache_file, committed_results_dir() / cache_file.name) if cache and f.is_file()]
+        if stored:
+            measured = json.loads(stored[0].read_text())
+            source = "cached" if stored[0] == cache_file else "committed"
         else:
             if data is None:
                 data = study_data(settings)
@@ -604,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--encoders", nargs="+", metavar="NAME", help="only these encoders of the grid")
     parser.add_argument("--quick", action="store_true", help="small settings (as COURSE_QUICK=1)")
     parser.add_argument("--out", type=Path, help="also write the rows and baselines as JSON here")
+    parser.add_argument("--commit", action="store_true",
+                        help="also copy the measurements into data/study (committed with the course)")
     args = parser.parse_args(argv)
     try:
         specs = select_encoders(args.grid, args.encoders)
@@ -623,6 +639,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = QUICK if args.quick or quick_mode() else FULL
     result = run_study(args.grid, settings, device, encoders=args.encoders)
     print(format_table(result))
+    if args.commit:
+        for spec in specs:
+            measured = default_data_root() / "study" / "cache" / result_file(spec, args.grid, settings)
+            if measured.is_file():
+                target = committed_results_dir() / measured.name
+                atomic_write(target, lambda f: f.write(measured.read_bytes()))
+                print(f"committed: {target}")
     if result.missing:
         print(f"not trained yet (run with --train): {', '.join(result.missing)}")
     if args.out:

@@ -94,3 +94,10 @@ def test_tradeoff_figure_puts_each_explainers_signed_rank_correlation_in_its_cel
     assert correlations[5, 0] == pytest.approx(spearmanr([0.3, 0.5, 0.7, 0.9], [0.5, 0.4, 0.9, 0.8]).statistic)
     assert np.isnan(correlations[6, 0])  # TCAV not measured
     plt.close(fig)
+
+
+def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full_settings():
+    expected = {study.result_file(spec, "cpu", study.FULL) for spec in study.GRIDS["cpu"]}
+    committed = {path.name for path in study.committed_results_dir().glob("*.json")}
+    assert committed == expected, ("data/study is stale (an encoder, the settings or the version changed): "
+                                   "rerun `python -m course_utils.study --commit` and delete the old files")
