@@ -255,6 +255,11 @@ class StudyData:
     random_sets: list[torch.Tensor]
 
 
+def _test_world(settings: StudySettings) -> ShapesWorld:
+    """The held-out images every encoder is measured on (probe test set; the first n_explain are explained)."""
+    return ShapesWorld(n=max(settings.n_test, settings.n_explain), size=32, seed=settings.seed, split="test")
+
+
 def study_data(settings: StudySettings) -> StudyData:
     """The worlds, the toy-CLIP embeddings and the TCAV example sets of a study."""
     from course_utils.data.captions import load_caption_set
@@ -263,7 +268,7 @@ def study_data(settings: StudySettings) -> StudyData:
 
     seed = settings.seed
     train = ShapesWorld(n=max(settings.n_train, 4_000), size=32, seed=seed, split="train")
-    test = ShapesWorld(n=max(settings.n_test, settings.n_explain), size=32, seed=seed, split="test")
+    test = _test_world(settings)
     falcon_world = ShapesWorld(n=settings.falcon_probe, size=32, seed=seed, split="test", distractor_p=0.3)
     clip = load_toy_clip(checkpoint_dir() / "vlm" / "shapes-clip.pt")
     captions = load_caption_set()
@@ -277,11 +282,11 @@ def study_data(settings: StudySettings) -> StudyData:
                      caption_embeddings(clip, captions), captions, concept_sets, random_sets)
 
 
-def baseline_scores(data: StudyData, settings: StudySettings) -> dict[str, dict[str, float]]:
-    """Pointing game and mask IoU of the random map and the centre prior on the explained images."""
+def baseline_scores(test: ShapesWorld, settings: StudySettings) -> dict[str, dict[str, float]]:
+    """Pointing game and mask IoU of the random map and the centre prior on the explained test images."""
     from course_utils.metrics import centre_prior, mask_iou, pointing_game, random_map
 
-    masks = data.test.masks[:settings.n_explain]
+    masks = test.masks[:settings.n_explain]
     n = len(masks)
     maps = {"random map": random_map(n, 32, torch.Generator().manual_seed(settings.seed)),
             "centre prior": centre_prior(n, 32)}
@@ -489,9 +494,8 @@ def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: 
         if progress:
             print(f"{spec.name:<20} probe {measured['probe accuracy']:.1%}  ({source})", flush=True)
         rows.extend(_rows(spec, measured))
-    if data is None:
-        data = study_data(settings)
-    return StudyResult([_plain(r) for r in rows], baseline_scores(data, settings), settings, missing)
+    test = data.test if data is not None else _test_world(settings)  # no toy CLIP when everything is cached
+    return StudyResult([_plain(r) for r in rows], baseline_scores(test, settings), settings, missing)
 
 
 # --------------------------------------------------------------------------
