@@ -365,6 +365,33 @@ def linear_probe(
     )
 
 
+def random_linear_head(H: torch.Tensor, n_classes: int, seed: int = 0) -> nn.Linear:
+    """A linear head with Gaussian weights on standardised features: the control for explaining a probe.
+
+    It has the form of ``linear_probe``'s classifier (it takes raw h and standardises with the mean and
+    std of ``H``) but has learned nothing, so an explanation of its logits shows what any scalar of h
+    would highlight. Where the probe's explanation scores no better than this head's, the score says
+    nothing about the probe's evidence.
+
+    Args:
+        H [N, r]: the features the probe was fitted on; n_classes: number of outputs; seed: for the weights.
+    Returns:
+        ``nn.Linear(r, n_classes)`` with logits = W (h - mean) / std, W ~ N(0, 1) [n_classes, r].
+    """
+    if H.ndim != 2 or len(H) < 2 or not torch.isfinite(H).all():
+        raise ValueError(f"H must be finite features [N >= 2, r], got shape {tuple(H.shape)}")
+    if not isinstance(n_classes, int) or n_classes < 1:
+        raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
+    H = H.detach().cpu().double()
+    mean, std = H.mean(0), H.std(0).clamp(min=1e-6)
+    weight = torch.randn(n_classes, H.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    head = nn.Linear(H.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(weight / std)
+        head.bias.copy_(-(weight * mean / std).sum(1))
+    return head
+
+
 def knn_accuracy(
     H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor,
     k: int = 200, temperature: float = 0.1, chunk: int = 1024,

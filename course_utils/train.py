@@ -63,6 +63,9 @@ GRAY_IMAGES = {"saturation": 0.0, "hue": 0.0, "brightness": 0.4, "contrast": 0.4
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("simclr-shapes-r10", "ShapesWorld 32 px, ResNet-10 width 32, bf16 on CPU (the course's default encoder)",
            "shapes", {"n": 20_000, "size": 32, "seed": 0}, depth=10, width=32, epochs=25),
+    Preset("simclr-shapes-r10-w16", "ShapesWorld 32 px, ResNet-10 width 16, 60 epochs, bf16 on CPU (about 25 minutes): "
+           "more accurate than width 32 in the same time, and its probe-class Grad-CAM localises better",
+           "shapes", {"n": 20_000, "size": 32, "seed": 0}, depth=10, width=16, epochs=60),
     Preset("simclr-shapes-r10-nocolor", "as simclr-shapes-r10 but without colour jitter and grayscale",
            "shapes", {"n": 20_000, "size": 32, "seed": 0}, depth=10, width=32, epochs=25, augment=NO_COLOUR),
     Preset("simclr-fmnist-r10", "Fashion-MNIST 28 px, ResNet-10 width 32, bf16 on CPU (about 15 minutes)",

@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,31 +135,31 @@ class ToyCLIP(nn.Module):
         tokens = self.vocabulary.encode(texts, self.config["max_length"]).to(self.device)
         return self.text_projection(self.text_tower(tokens))
 
+    def _encode(self, features: Callable[[Any], torch.Tensor], items: Any, batch_size: int) -> torch.Tensor:
+        """``features`` of ``items`` in batches, in eval mode (restored afterwards), without gradient:
+        L2-normalised float32 [len(items), dim] on the CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                out = [F.normalize(features(items[start:start + batch_size]).float(), dim=1).cpu()
+                       for start in range(0, len(items), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out)
+
     def encode_images(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """L2-normalised image embeddings float32 [B, dim] on the CPU; images [B, 3, H, W] in [0, 1]."""
         _check_images(images)
-        was_training = self.training
-        self.eval()
-        out = []
-        with torch.no_grad():
-            for start in range(0, images.shape[0], batch_size):
-                x = images[start:start + batch_size].to(self.device, torch.float32)
-                with autocast(self.device):
-                    out.append(F.normalize(self.image_features(x).float(), dim=1).cpu())
-        self.train(was_training)
-        return torch.cat(out)
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device):
+                return self.image_features(x.to(self.device, torch.float32))
+        return self._encode(features, images, batch_size)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 2048) -> torch.Tensor:
         """L2-normalised text embeddings float32 [T, dim] on the CPU."""
-        texts = _check_texts(texts)
-        was_training = self.training
-        self.eval()
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                out.append(F.normalize(self.text_features(texts[start:start + batch_size]).float(), dim=1).cpu())
-        self.train(was_training)
-        return torch.cat(out)
+        return self._encode(self.text_features, _check_texts(texts), batch_size)
 
 
 def _check_images(images: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from course_utils.data.shapes import ShapesWorld
 from course_utils.models import SimCLRModel, resnet
 from course_utils.data.datasets import ImageTensorDataset
 from course_utils.simclr import (
-    extract_features, knn_accuracy, linear_probe, nt_xent, supervised_accuracy, train_simclr,
+    extract_features, knn_accuracy, linear_probe, nt_xent, random_linear_head, supervised_accuracy, train_simclr,
 )
 
 
@@ -294,3 +294,19 @@ def test_a_penalty_on_h_is_added_to_the_loss_and_shapes_the_representation(tiny_
     x = tiny_world.images[:64].float() / 255
     with torch.no_grad():
         assert penalised.encoder(x).norm(dim=1).mean() < plain.encoder(x).norm(dim=1).mean()
+
+
+def test_random_linear_head_is_gaussian_weights_on_standardised_features_and_seeded():
+    generator = torch.Generator().manual_seed(0)
+    H = torch.rand(50, 6, generator=generator) * torch.tensor([1.0, 2, 3, 4, 5, 6]) + 7
+    head = random_linear_head(H, 4, seed=3)
+    weight = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    standardised = (H.double() - H.double().mean(0)) / H.double().std(0)
+    torch.testing.assert_close(head(H).double(), standardised @ weight.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(head(H).mean(0), torch.zeros(4), rtol=0, atol=1e-4)  # centred on the data
+    torch.testing.assert_close(random_linear_head(H, 4, seed=3).weight, head.weight)
+    assert not torch.allclose(random_linear_head(H, 4, seed=4).weight, head.weight)
+    with pytest.raises(ValueError, match="features"):
+        random_linear_head(H[0], 4)
+    with pytest.raises(ValueError, match="n_classes"):
+        random_linear_head(H, 0)
