@@ -73,11 +73,17 @@ def image_grid(
     return fig, axes
 
 
+_LABEL_CHARS_PER_INCH = 13  # characters of a 9-point label that fit along one inch
+
+
 def _label_rows(axes: np.ndarray, row_labels: Sequence[str]) -> None:
-    """Write one label left of each row of an [rows, cols] axes grid."""
+    """Write one label left of each row of an [rows, cols] axes grid, wrapped to the row's height."""
     if len(row_labels) != axes.shape[0]:
         raise ValueError(f"got {len(row_labels)} row labels for {axes.shape[0]} rows")
     for label, ax in zip(row_labels, axes[:, 0]):
+        row_inches = ax.figure.get_figheight() / axes.shape[0]
+        label = "\n".join(textwrap.wrap(label, max(8, int(row_inches * _LABEL_CHARS_PER_INCH)),
+                                         break_long_words=False)) or label
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])

@@ -162,3 +162,18 @@ def test_pair_view_and_explorer_show_both_maps():
     assert explorer.children
     with pytest.raises(ValueError, match="at least one"):
         pair_explorer({}, {"mean colour": explain})
+
+
+def test_image_grid_wraps_long_row_labels_to_the_row_height_and_keeps_short_ones():
+    from course_utils.plots import image_grid
+
+    images = torch.rand(12, 3, 8, 8)
+    labels = ["red", "a label much longer than one small row"]
+    _, axes = image_grid(images, ncols=6, panel_size=1.0, row_labels=labels)
+    assert axes[0, 0].get_ylabel() == "red"
+    wrapped = axes[1, 0].get_ylabel().split("\n")
+    assert len(wrapped) > 1 and " ".join(wrapped) == labels[1] and max(map(len, wrapped)) <= 13
+    _, axes = image_grid(images, ncols=6, panel_size=4.0, row_labels=labels)
+    assert axes[1, 0].get_ylabel() == labels[1]
+    with pytest.raises(ValueError, match="row labels"):
+        image_grid(images, ncols=6, row_labels=["one"])
