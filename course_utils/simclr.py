@@ -321,6 +321,21 @@ def _check_features(H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.
         raise ValueError("features contain NaN or inf; check the encoder (was training unstable?)")
 
 
+def _standardisation(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (floored at 1e-6) of features H [N, r], float64 on the CPU: ([r], [r])."""
+    H = H.detach().cpu().double()
+    return H.mean(0), H.std(0).clamp(min=1e-6)
+
+
+def _on_raw_features(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """The linear layer on raw h equal to ``weight @ ((h - mean) / std) + bias``: the standardisation is
+    folded into its weights. weight [C, r], bias [C], mean and std [r] -> nn.Linear(r, C)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(weight / std)
+        layer.bias.copy_(bias - (weight * mean / std).sum(1))
+    return layer
+
 def linear_probe(
     H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor,
     C: float = 1.0, max_iter: int = 300,
@@ -336,7 +351,7 @@ def linear_probe(
     _check_features(H_train, y_train, H_test, y_test)
     H_train, y_train, H_test, y_test = H_train.cpu(), y_train.cpu(), H_test.cpu(), y_test.cpu()
     classes, targets = torch.unique(y_train, return_inverse=True)
-    mean, std = H_train.double().mean(0), H_train.double().std(0).clamp(min=1e-6)
+    mean, std = _standardisation(H_train)
     x = (H_train.double() - mean) / std
     weight = torch.zeros(len(classes), x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
@@ -351,10 +366,8 @@ def linear_probe(
         return loss
 
     optimizer.step(closure)
-    classifier = nn.Linear(H_train.shape[1], len(classes))
-    with torch.no_grad():  # fold the standardisation into the layer: it takes raw h
-        classifier.weight.copy_(weight / std)
-        classifier.bias.copy_(bias - (weight * mean / std).sum(1))
+    classifier = _on_raw_features(weight.detach(), bias.detach(), mean, std)
+    with torch.no_grad():
         predictions = classes[classifier(H_test.float()).argmax(1)]
         train_predictions = classes[classifier(H_train.float()).argmax(1)]
     return ProbeResult(
@@ -382,14 +395,9 @@ def random_linear_head(H: torch.Tensor, n_classes: int, seed: int = 0) -> nn.Lin
         raise ValueError(f"H must be finite features [N >= 2, r], got shape {tuple(H.shape)}")
     if not isinstance(n_classes, int) or n_classes < 1:
         raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
-    H = H.detach().cpu().double()
-    mean, std = H.mean(0), H.std(0).clamp(min=1e-6)
+    mean, std = _standardisation(H)
     weight = torch.randn(n_classes, H.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    head = nn.Linear(H.shape[1], n_classes)
-    with torch.no_grad():
-        head.weight.copy_(weight / std)
-        head.bias.copy_(-(weight * mean / std).sum(1))
-    return head
+    return _on_raw_features(weight, torch.zeros(n_classes, dtype=torch.float64), mean, std)
 
 
 def knn_accuracy(
