@@ -284,3 +284,22 @@ def test_templated_captions_name_every_attribute():
     assert len(templated) == 400
     assert all(len(set(c.split()) & set(names["shape"])) == 1 and len(set(c.split()) & set(names["color"])) == 1
                for c in templated)
+
+
+def test_evaluation_embeds_each_feature_once_and_its_baseline_counts_the_captions_falcon_retrieved(planted):
+    from course_utils.data.captions import concept_names
+    from course_utils.explain.falcon import evaluate_features, frequency_concepts
+
+    world, H, red, captions, vlm = planted
+    images, texts = vlm.images(), vlm.texts(captions)
+    calls = []
+
+    def seen(high):  # e.g. costly Grad-CAM crops: must run once per explained feature
+        calls.append(high)
+        return images[high]
+
+    result = evaluate_features(H, images, texts, captions, world.attributes, world.attribute_names,
+                               concept_names(world.attribute_names), high_embeddings=seen)
+    assert len(calls) == len(result.explanations) == 1
+    assert result.baseline[0] == frequency_concepts(images[result.explanations[0].high], texts, captions)
+    assert result.explanations[0].high_captions.shape == (len(result.explanations[0].high), 5)

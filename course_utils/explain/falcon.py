@@ -229,6 +229,7 @@ class FeatureExplanation:
     low: torch.Tensor  # indices of the lowly activating counterfactuals
     low_scores: dict[str, float] = field(default_factory=dict)
     discarded: list[str] = field(default_factory=list)  # words dropped by the contrastive step
+    high_captions: torch.Tensor | None = None  # indices into S of each T_i image's top-k captions [|T_i|, k]
 
 
 def explain_feature(
@@ -275,7 +276,7 @@ def explain_feature(
             dropped = list(low_scores)[:low_top_words]
     concepts = [w for w, s in scores.items() if s >= min_score and w not in dropped][:n_concepts]
     name = feature if isinstance(feature, int) else tuple(int(f) for f in feature)
-    return FeatureExplanation(name, concepts, scores, high, low, low_scores, dropped)
+    return FeatureExplanation(name, concepts, scores, high, low, low_scores, dropped, indices)
 
 
 def frequency_concepts(image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor, captions: Sequence[str],
@@ -287,6 +288,12 @@ def frequency_concepts(image_embeddings: torch.Tensor, caption_embeddings: torch
         image_embeddings: VLM embeddings [n, d] of the images to describe (e.g. T_i).
     """
     _, indices = top_captions(image_embeddings, caption_embeddings, top_k)
+    return _most_frequent_words(indices, captions, discard, n_concepts)
+
+
+def _most_frequent_words(indices: torch.Tensor, captions: Sequence[str], discard: Sequence[str],
+                         n_concepts: int) -> list[str]:
+    """The ``n_concepts`` words most frequent in the captions ``indices`` [n, k] (ties alphabetically)."""
     counts: dict[str, int] = defaultdict(int)
     for row in indices.tolist():
         for index in row:
@@ -318,8 +325,8 @@ def evaluate_features(H: torch.Tensor, image_embeddings: torch.Tensor, caption_e
         H [N, r], image_embeddings [N, d]: the probe set; attributes/attribute_names: its ground truth.
         names: word -> attribute values (``captions.concept_names``).
         explain_options: passed to ``explain_feature`` (alpha, contrastive, beta, max_low, discard, …); the
-            baseline uses the same top_k, discard and n_concepts.  A ``high_embeddings`` function is called
-            again for the baseline: cache it when it is costly (Grad-CAM crops).
+            baseline counts the words of the captions FALCON retrieved for T_i (same top_k, discard and
+            n_concepts).
     """
     candidates = range(H.shape[1]) if features is None else features
     explanations, truths, baseline = [], [], []
@@ -330,10 +337,8 @@ def evaluate_features(H: torch.Tensor, image_embeddings: torch.Tensor, caption_e
             continue
         explanations.append(explanation)
         truths.append(true_concepts(attributes, attribute_names, explanation.high))
-        seen = image_embeddings[explanation.high] if explain_options.get("high_embeddings") is None \
-            else explain_options["high_embeddings"](explanation.high)
-        baseline.append(frequency_concepts(seen, caption_embeddings, captions, top_k=explain_options.get("top_k", 5),
-                                           discard=discard, n_concepts=explain_options.get("n_concepts", 5)))
+        baseline.append(_most_frequent_words(explanation.high_captions, captions, discard,
+                                             explain_options.get("n_concepts", 5)))
     if not explanations:
         raise ValueError("no feature has more than min_images highly activating images; lower alpha")
     return Evaluation(explanations, truths, baseline,
