@@ -55,8 +55,8 @@ def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
     return grown > 0.5
 
 
-def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> float:
-    """Fraction of images whose most salient pixel lies inside the object mask.
+def pointing_hits(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> torch.Tensor:
+    """Per-image pointing-game hits [B] in [0, 1]: 1 when the most salient pixel lies inside the object mask.
 
     Args:
         saliency: [B, H, W]; masks: bool [B, H, W].
@@ -64,12 +64,17 @@ def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 
             15 px at ImageNet resolution, about 2 px at 32 px).
     Ties are broken at random in expectation: an image whose maximum is shared by several pixels
     counts as the share of them inside the mask, so a constant map scores the mask's area (chance).
+    Feed the hits to ``stats.mean_interval`` / ``stats.difference_interval`` for intervals over images.
     """
     _check_maps(saliency, masks)
     flat, inside = saliency.flatten(1), dilate(masks, tolerance).flatten(1)
     is_max = flat == flat.max(1, keepdim=True).values
-    hits = (is_max & inside).sum(1).float() / is_max.sum(1).float()
-    return hits.mean().item()
+    return (is_max & inside).sum(1).float() / is_max.sum(1).float()
+
+
+def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> float:
+    """Fraction of images whose most salient pixel lies inside the object mask: the mean of ``pointing_hits``."""
+    return pointing_hits(saliency, masks, tolerance).mean().item()
 
 
 def _ranks(saliency: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -452,18 +457,11 @@ def bootstrap_interval(statistic: Callable[[np.ndarray, np.ndarray], float], lab
                        seed: int = 0) -> tuple[float, float, float]:
     """``statistic(labels, scores)`` and its percentile bootstrap interval: (value, low, high).
 
-    Samples are resampled with replacement ``n_boot`` times; resamples with a single outcome are
-    redrawn.  Example: ``bootstrap_interval(auroc, correct, q)``.
+    Samples are resampled with replacement ``n_boot`` times (``stats.bootstrap``); resamples with a single
+    outcome are redrawn.  Example: ``bootstrap_interval(auroc, correct, q)``.
     """
+    from course_utils.stats import bootstrap
+
     labels, scores = _binary_outcome(labels, scores)
-    if n_boot < 10 or not 0 < level < 1:
-        raise ValueError(f"need n_boot >= 10 and 0 < level < 1, got {n_boot} and {level}")
-    rng = np.random.default_rng(seed)
-    values = []
-    while len(values) < n_boot:
-        index = rng.integers(0, len(labels), len(labels))
-        if labels[index].all() or not labels[index].any():
-            continue
-        values.append(statistic(labels[index], scores[index]))
-    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return statistic(labels, scores), float(low), float(high)
+    interval = bootstrap(statistic, labels, scores, n_boot=n_boot, level=level, seed=seed)
+    return interval.value, interval.low, interval.high

@@ -57,6 +57,27 @@ def test_tcav_of_several_concepts_at_once_equals_one_call_per_concept():
     assert together["red"].random_scores == together["blue"].random_scores  # one shared null distribution
 
 
+def test_a_concept_that_lowers_the_target_is_not_used_and_many_concepts_are_fdr_corrected():
+    """'Used' means significantly *above* random: a concept whose CAV lowers y (dark-red images: moving
+    towards them removes red) has a tiny two-sided p but is not used; Benjamini–Hochberg runs across the
+    concepts of one call, so adding null concepts cannot make an unused concept significant."""
+    from course_utils.explain.concepts import tcav_p_value
+
+    model = RednessModel()
+    not_red = random_images(30, 0)
+    not_red[:, 0] = 0.1 * not_red[:, 0]  # no red at all: the CAV points away from red
+    randoms = [random_images(30, seed) for seed in range(1, 21)]
+    inputs = random_images(20, 100)
+    result = tcav(model, model.layer, inputs, lambda y: y, not_red, randoms)
+    assert result.score < 0.1 and not result.significant
+    assert tcav_p_value(result.random_scores, result.scores) < 0.01  # the opposite direction is very significant
+    assert tcav_p_value([0.9, 0.9], [0.5, 0.5]) == 0.0 and tcav_p_value([0.5, 0.5], [0.5, 0.5]) == 1.0
+    # p = 0.03 alone is significant; among four concepts with p = 0.03, 0.5, 0.6, 0.7 it is not (0.03 > 0.05/4)
+    from course_utils.stats import benjamini_hochberg
+    assert benjamini_hochberg([0.03]).tolist() == [True]
+    assert benjamini_hochberg([0.03, 0.5, 0.6, 0.7]).tolist() == [False] * 4
+
+
 def test_cav_points_towards_the_concept_and_the_score_counts_positive_derivatives():
     concept = torch.tensor([[2.0, 0.0], [3.0, 0.5], [2.5, -0.5]])
     random = torch.tensor([[-2.0, 0.0], [-3.0, 0.5], [-2.5, -0.5]])

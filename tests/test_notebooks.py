@@ -1,6 +1,7 @@
 """Every notebook follows the course template and takes papermill parameters (execution: the nbval run)."""
 
 import json
+import re
 from pathlib import Path
 
 import papermill
@@ -68,3 +69,82 @@ def test_notebook_follows_the_template(notebook):
     assert not any(o.get("output_type") == "error" for o in outputs), "committed with an error output"
     assert any("image/png" in o.get("data", {}) for o in outputs), "figures should be committed as PNG outputs"
     assert notebook.stat().st_size < 2_000_000, "keep committed notebooks under 2 MB"
+
+
+# --------------------------------------------------------------------------
+# Claims are code (course_utils.report): the committed readings hold, and Markdown quotes no measurement
+# --------------------------------------------------------------------------
+
+def claims_of(cells: list[dict]) -> list[dict]:
+    """The ``course_claim`` records of a notebook's outputs, in order."""
+    return [o["metadata"]["course_claim"] for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])
+            if "course_claim" in o.get("metadata", {})]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_draws_its_findings_as_claims_that_hold_at_full_settings(notebook):
+    claims = claims_of(json.loads(notebook.read_text())["cells"])
+    assert claims, "every notebook states its findings with report.claim"
+    unchecked = [c["statement"] for c in claims if not c["checked"]]
+    assert not unchecked, f"committed from a quick run (execute at full settings: make run): {unchecked[:2]}"
+    false = [c["statement"] for c in claims if not c["holds"]]
+    assert not false, f"committed claims that do not hold: {false}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_answers_its_question_before_the_recap(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    headings = [line.lstrip("#").strip().lower() for c in cells if c["cell_type"] == "markdown"
+                for line in "".join(c["source"]).splitlines() if line.startswith("#")]
+    answer = next((i for i, h in enumerate(headings) if h.startswith("answer")), None)
+    recap = next((i for i, h in enumerate(headings) if "recap" in h), None)
+    assert answer is not None and recap is not None and answer < recap, "an 'Answer' section comes before the recap"
+
+
+# A measured number looks like 0.57, 89.7 %, ≈ 0.16 s or ±0.05.  Markdown may still hold section, figure and
+# equation numbers (never two decimals), settings written as "symbol relation value", and this short list.
+MEASURED_NUMBER = re.compile(r"(?<![\w.])(?:±\s?\d+(?:\.\d+)?|\d*\.\d{2,}|\d+\.\d+\s?%|≈\s?\d+(?:\.\d+)?\s?(?:ms|s|min)\b)")
+SETTING = re.compile(r"(?:\b[pqατβγλεσ]|WS)\s*(?:<|>|=|≥|≤|∈\s*\{)\s*[\d.,\s]*$")
+ALLOWED_NUMBERS = {
+    "12.5 %": "chance accuracy with 8 classes (1/8)",
+    "1.10": "log 3, the chance value of a 3-way NT-Xent in notebook 01's worked example",
+    "0.654": "the thesis' Q-Score AUROC on ImageNet (quoted from the paper, not measured here)",
+    "90.83": "the thesis' CIFAR-10 accuracy without Q-Score regularisation (quoted)",
+    "92.31 %": "the thesis' CIFAR-10 accuracy with Q-Score regularisation (quoted)",
+}
+
+
+def measured_numbers_in_markdown(cells: list[dict]) -> list[str]:
+    """Numbers in Markdown cells that look measured, with their context; run-time lines are exempt (every
+    notebook states its measured times in its header and the course map, DESIGN.md)."""
+    found = []
+    for index, cell in enumerate(cells):
+        if cell["cell_type"] != "markdown":
+            continue
+        for line in "".join(cell["source"]).splitlines():
+            if "run time" in line.lower() or re.search(r"\d\s?(?:s|min) / \d", line):
+                continue
+            for match in MEASURED_NUMBER.finditer(line):
+                if match.group().strip() in ALLOWED_NUMBERS or SETTING.search(line[:match.start()]):
+                    continue
+                found.append(f"cell {index}: …{line[max(0, match.start() - 40):match.end() + 10]}…")
+    return found
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_markdown_cells_quote_no_measured_numbers(notebook):
+    """Measured results come from claims (or printed outputs), so a re-run cannot leave a stale number."""
+    found = measured_numbers_in_markdown(json.loads(notebook.read_text())["cells"])
+    assert not found, "measured numbers typed into Markdown (state them with report.claim):\n" + "\n".join(found)
+
+
+def test_the_markdown_number_check_catches_a_typed_measurement_and_spares_settings():
+    def cell(text):
+        return {"cell_type": "markdown", "source": [text]}
+
+    assert measured_numbers_in_markdown([cell("RELAX reaches 0.73 on the pointing game.")])
+    assert measured_numbers_in_markdown([cell("The probe reaches 89.7 % here.")])
+    assert measured_numbers_in_markdown([cell("Each image takes ≈ 0.16 s.")])
+    assert not measured_numbers_in_markdown([cell("Significant when p < 0.05; FALCON keeps WS ≥ 0.08.")])
+    assert not measured_numbers_in_markdown([cell("See eq. 4.1, Fig. 3.6 and §10; chance is 12.5 %.")])
+    assert not measured_numbers_in_markdown([cell("**Run time** (2-core CPU): quick ≈ 1 min, full ≈ 5 min")])

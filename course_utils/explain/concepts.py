@@ -5,8 +5,9 @@
   For inputs of a class and a scalar target y (a class score, a feature), the directional derivative
   S_C(x) = ∇_a y(a(x)) · v_C says whether moving the activation towards the concept raises y; the
   **TCAV score** is the share of inputs with S_C(x) > 0.  A score means something only when it differs from
-  chance: CAVs are trained against several random sets, random-vs-random CAVs give the null distribution,
-  and a two-sided t-test compares the two sets of scores.
+  chance: CAVs are trained against several random sets (≥ 20 in the course's protocol), random-vs-random CAVs
+  give the null distribution, a one-sided Welch t-test asks whether the concept's scores lie *above* it, and
+  Benjamini–Hochberg corrects for the many concepts tested at once.
 * **Prototypes** (the ProtoPNet / ProtoVAE idea, without training a prototype layer): k-means centroids of
   the representations h and the training images nearest to each, shown as image grids.
 
@@ -107,8 +108,8 @@ class TCAVResult:
     score: float  # mean TCAV score over the concept's CAVs (one per random set)
     scores: list[float]  # TCAV score of each concept CAV
     random_scores: list[float]  # TCAV scores of random-vs-random CAVs (the null distribution)
-    p_value: float  # two-sided t-test of scores against random_scores
-    significant: bool  # p_value < alpha
+    p_value: float  # one-sided Welch t-test: are the concept's scores above the random CAVs' scores?
+    significant: bool  # "the model uses the concept": p_value survives Benjamini–Hochberg at q = alpha
 
 
 def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target, concept: torch.Tensor,
@@ -119,18 +120,35 @@ def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Targe
         model, layer: the network and the layer whose activations the CAVs live in.
         inputs: images [N, 3, H, W] whose target is explained (e.g. test images of one class).
         target: model output -> score [N] (e.g. ``lambda out: head(out)[:, c]``).
-        concept: concept example images [n_c, 3, H, W]; random_sets: at least 3 sets of random images.
-        alpha: significance level of the two-sided t-test (concept CAVs vs random-vs-random CAVs).
+        concept: concept example images [n_c, 3, H, W]; random_sets: random image sets, at least 3
+            (the evaluation protocol, SCIENCE.md §10, uses at least 20).
+        alpha: significance level of the one-sided test (concept CAVs above random-vs-random CAVs).
     """
     return tcav_concepts(model, layer, inputs, target, {"concept": concept}, random_sets, alpha, batch_size)["concept"]
+
+
+def tcav_p_value(scores: Sequence[float], random_scores: Sequence[float]) -> float:
+    """One-sided p-value that the concept CAVs' TCAV scores lie above the random CAVs' (Welch t-test);
+    identical constant groups give 1, a constant group above another constant one gives 0."""
+    from scipy.stats import ttest_ind
+
+    if np.std(scores) == 0 and np.std(random_scores) == 0:
+        return 0.0 if scores[0] > random_scores[0] else 1.0
+    with warnings.catch_warnings():  # one group may be constant (every score 1): scipy warns, the test holds
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttest_ind(scores, random_scores, equal_var=False, alternative="greater").pvalue)
 
 
 def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target,
                   concepts: Mapping[str, torch.Tensor], random_sets: Sequence[torch.Tensor], alpha: float = 0.05,
                   batch_size: int = 256) -> dict[str, TCAVResult]:
     """``tcav`` for several concepts at once: the gradients, the random activations and the null
-    distribution (random-vs-random CAVs) are computed once and shared; ``{name: TCAVResult}``."""
-    from scipy.stats import ttest_ind
+    distribution (random-vs-random CAVs) are computed once and shared; ``{name: TCAVResult}``.
+
+    A concept is ``significant`` ("used") when its scores lie significantly *above* the random CAVs' after a
+    Benjamini–Hochberg correction at q = ``alpha`` across the concepts tested in this call.
+    """
+    from course_utils.stats import benjamini_hochberg
 
     if len(random_sets) < 3:
         raise ValueError(f"the significance test needs at least 3 random sets, got {len(random_sets)}")
@@ -138,18 +156,14 @@ def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, targ
     random_acts = [layer_activations(model, layer, r, batch_size) for r in random_sets]
     random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)]))
                      for i in range(len(random_acts))]
-    results = {}
+    measured = {}
     for name, concept in concepts.items():
         concept_acts = layer_activations(model, layer, concept, batch_size)
         scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r)) for r in random_acts]
-        if np.std(scores) == 0 and np.std(random_scores) == 0:
-            p_value = 1.0 if scores[0] == random_scores[0] else 0.0
-        else:
-            with warnings.catch_warnings():  # one group may be constant (every score 1): scipy warns, the test holds
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p_value = float(ttest_ind(scores, random_scores).pvalue)
-        results[name] = TCAVResult(float(np.mean(scores)), scores, random_scores, p_value, p_value < alpha)
-    return results
+        measured[name] = (scores, tcav_p_value(scores, random_scores))
+    used = benjamini_hochberg([p for _, p in measured.values()], q=alpha)
+    return {name: TCAVResult(float(np.mean(scores)), scores, random_scores, p, bool(significant))
+            for (name, (scores, p)), significant in zip(measured.items(), used)}
 
 
 @dataclass
