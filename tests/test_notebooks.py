@@ -78,7 +78,10 @@ def test_notebook_follows_the_template(notebook):
 # Notebooks whose findings are not yet stated as claims (issue 17 is converting them one by one). Each is
 # listed with the reason; the claim tests are expected to fail for them (strict: remove the entry once
 # the notebook passes).
-NOT_YET_CONVERTED: dict[str, str] = {}
+NOT_YET_CONVERTED: dict[str, str] = {
+    "02_gradcam_ssl": "its conversion (layer chosen on val, test report with intervals) is written but not yet "
+                      "executed at full settings",
+}
 
 
 def _converted(notebooks):
