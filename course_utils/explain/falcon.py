@@ -477,6 +477,30 @@ def true_concepts(attributes: dict[str, torch.Tensor], attribute_names: dict[str
     return truth
 
 
+def concept_hits(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]], k: int = 5,
+                 names: dict[str, set[str]] | None = None) -> dict[str, "np.ndarray"]:
+    """``concept_precision`` per feature, for bootstrap intervals over features (``stats.mean_interval``,
+    ``stats.difference_interval``): the per-feature P@1 hit, precision over the top min(k, #true) and
+    recall@k of the features that have at least one true concept, float arrays [n_scored] in input order
+    (their means are ``concept_precision``'s values).  Also returns "scored": bool [len(predicted)], which
+    features were scored, so two methods on the same features stay paired."""
+    import numpy as np
+
+    if len(predicted) != len(truths):
+        raise ValueError(f"need one truth per feature, got {len(predicted)} predictions and {len(truths)} truths")
+
+    def hits(words: Sequence[str], truth: set[str]) -> set[str]:
+        return {value for w in words for value in (names.get(w, set()) if names else {w})} & truth
+
+    scored = np.array([bool(t) for t in truths])
+    rows = [(list(p), t) for p, t in zip(predicted, truths) if t]
+    p_at_1 = [float(bool(hits(p[:1], t))) for p, t in rows]
+    p_at_true = [min(len(hits(p[:min(k, len(t))], t)), min(k, len(t))) / min(k, len(t)) for p, t in rows]
+    recall = [len(hits(p[:k], t)) / len(t) for p, t in rows]
+    return {"P@1": np.array(p_at_1), "P@min(k,#true)": np.array(p_at_true), f"R@{k}": np.array(recall),
+            "scored": scored}
+
+
 def concept_precision(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]], k: int = 5,
                       names: dict[str, set[str]] | None = None) -> dict[str, float]:
     """P@1, precision over the top min(k, #true) and recall@k of ranked concept words against true concept
