@@ -303,3 +303,17 @@ def test_evaluation_embeds_each_feature_once_and_its_baseline_counts_the_caption
     assert len(calls) == len(result.explanations) == 1
     assert result.baseline[0] == frequency_concepts(images[result.explanations[0].high], texts, captions)
     assert result.explanations[0].high_captions.shape == (len(result.explanations[0].high), 5)
+
+
+def test_concept_hits_are_the_per_feature_values_whose_means_are_concept_precision():
+    from course_utils.explain.falcon import concept_hits, concept_precision
+
+    predicted = [["red", "circle"], ["blue"], ["square", "green", "ring"], ["star"]]
+    truths = [{"red"}, set(), {"green", "square"}, {"heart"}]
+    hits = concept_hits(predicted, truths, k=5)
+    assert hits["scored"].tolist() == [True, False, True, True]
+    assert hits["P@1"].tolist() == [1.0, 1.0, 0.0]  # one value per scored feature, in input order
+    assert hits["P@min(k,#true)"].tolist() == [1.0, 1.0, 0.0]
+    summary = concept_precision(predicted, truths, k=5)
+    for key in ("P@1", "P@min(k,#true)", "R@5"):
+        assert summary[key] == hits[key].mean()

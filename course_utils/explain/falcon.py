@@ -512,15 +512,10 @@ def concept_precision(predicted: Sequence[Sequence[str]], truths: Sequence[set[s
         names: word -> the attribute values it names (``captions.concept_names``: synonyms such as
             "hoop" -> ring); without it a word must equal a value.  Two synonyms of one value count once.
     """
-    rows = [(list(p), t) for p, t in zip(predicted, truths) if t]
-    if not rows:
+    scored = [t for t in truths if t]
+    if not scored:
         raise ValueError("no feature has a true concept: nothing to score")
-
-    def hits(words: list[str], truth: set[str]) -> set[str]:
-        return {value for w in words for value in (names.get(w, set()) if names else {w})} & truth
-
-    p_at_1 = sum(bool(hits(p[:1], t)) for p, t in rows) / len(rows)
-    p_at_true = sum(min(len(hits(p[:min(k, len(t))], t)), min(k, len(t))) / min(k, len(t)) for p, t in rows) / len(rows)
-    recall = sum(len(hits(p[:k], t)) / len(t) for p, t in rows) / len(rows)
-    return {"features scored": len(rows), "P@1": p_at_1, "P@min(k,#true)": p_at_true, f"R@{k}": recall,
-            "P@1 ceiling": 1.0, f"P@{k} ceiling": sum(min(k, len(t)) / k for _, t in rows) / len(rows)}
+    per_feature = concept_hits(predicted, truths, k, names)
+    return {"features scored": len(scored), "P@1": float(per_feature["P@1"].mean()),
+            "P@min(k,#true)": float(per_feature["P@min(k,#true)"].mean()), f"R@{k}": float(per_feature[f"R@{k}"].mean()),
+            "P@1 ceiling": 1.0, f"P@{k} ceiling": sum(min(k, len(t)) / k for t in scored) / len(scored)}
