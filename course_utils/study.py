@@ -1,7 +1,8 @@
 """The interpretability-vs-performance study of notebook 08 (SCIENCE.md section 9).
 
 A grid of SimCLR encoders that differ in one factor at a time (depth, width, training length, colour
-jitter, Q-Score regularisation, plus an untrained reference) is measured twice on ShapesWorld:
+jitter, Q-Score regularisation, plus an untrained reference, and the base recipe repeated with other training
+seeds for the seed-to-seed spread) is measured twice on ShapesWorld:
 
 * performance: linear-probe accuracy on frozen h (held-out test split);
 * interpretability, on ground truth: pointing game, mask IoU and deletion AUC of five saliency
@@ -9,12 +10,15 @@ jitter, Q-Score regularisation, plus an untrained reference) is measured twice o
   RELAX; AGF with the probe class), FALCON's concept precision P@1, and the share of nuisance concepts
   (object colour, background colour) that TCAV finds significant for the probe's classes.
 
-    python -m course_utils.study                   # the CPU grid, full settings (about 10 minutes)
+    python -m course_utils.study                   # the CPU grid, full settings (1-2 minutes per encoder)
     python -m course_utils.study --quick           # the same grid, small settings (CI)
     python -m course_utils.study --grid gpu --train  # train the larger grid first (GPU recommended)
 
 Results are cached per encoder in ``data/cache/study`` (keyed by the checkpoint's sha256 and the
-settings), so a re-run only measures what changed.
+settings), so a re-run only measures what changed.  Uncertainty (SCIENCE.md section 10): every saliency
+measure is kept per image (paired bootstrap intervals between encoders), ``seed_spread`` / ``factor_effects``
+compare a factor's effect with the spread between seeds of the base recipe, and ``improvement_correlations``
+gives each Spearman rho its exact or permutation p-value (``stats.spearman_test``), the base counted once.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from course_utils import stats
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.datasets import default_data_root
 from course_utils.data.shapes import ShapesWorld
@@ -288,16 +293,23 @@ def study_data(settings: StudySettings) -> StudyData:
                      caption_embeddings(clip, captions), captions, concept_sets, random_sets)
 
 
-def baseline_scores(test: ShapesWorld, settings: StudySettings) -> dict[str, dict[str, float]]:
-    """Pointing game and mask IoU of the random map and the centre prior on the explained test images."""
-    from course_utils.metrics import centre_prior, mask_iou, pointing_game, random_map
+def baseline_values(test: ShapesWorld, settings: StudySettings) -> dict[str, dict[str, list[float]]]:
+    """Per-image pointing-game hits and mask IoU [n_explain] of the random map and the centre prior on the
+    explained test images."""
+    from course_utils.metrics import centre_prior, mask_iou, pointing_hits, random_map
 
     masks = test.masks[:settings.n_explain]
     n = len(masks)
     maps = {"random map": random_map(n, 32, torch.Generator().manual_seed(settings.seed)),
             "centre prior": centre_prior(n, 32)}
-    return {name: {"pointing game": pointing_game(m, masks, settings.pg_tolerance),
-                   "mask IoU": mask_iou(m, masks).mean().item()} for name, m in maps.items()}
+    return {name: {"pointing game": pointing_hits(m, masks, settings.pg_tolerance).tolist(),
+                   "mask IoU": mask_iou(m, masks).tolist()} for name, m in maps.items()}
+
+
+def baseline_scores(test: ShapesWorld, settings: StudySettings) -> dict[str, dict[str, float]]:
+    """Pointing game and mask IoU of the random map and the centre prior on the explained test images."""
+    return {name: {metric: float(np.mean(v)) for metric, v in values.items()}
+            for name, values in baseline_values(test, settings).items()}
 
 
 def _saliency_maps(model: SimCLRModel, probe_model: nn.Module, head: nn.Module, images: torch.Tensor,
@@ -323,6 +335,38 @@ def _saliency_maps(model: SimCLRModel, probe_model: nn.Module, head: nn.Module, 
     }
 
 
+def gradcam_pointing(model: SimCLRModel, settings: StudySettings, device: torch.device | None = None,
+                     test: ShapesWorld | None = None) -> dict[str, np.ndarray]:
+    """Per-image pointing-game hits [n_explain] of the three Grad-CAM targets at ``settings.layer``, the probe
+    fitted as in ``evaluate_encoder`` (same images, views and tolerance): the cheap part of the study for
+    comparing layers (RELAX, AGF, FALCON and TCAV are not run)."""
+    from course_utils.explain.gradcam import class_score, contrastive, feature, gradcam
+    from course_utils.metrics import pointing_hits
+    from course_utils.simclr import extract_features, linear_probe
+
+    device = device or get_device()
+    test = test if test is not None else _test_world(settings)
+    model = copy.deepcopy(model).to(device).eval()
+    encoder = model.encoder
+    train = ShapesWorld(n=settings.n_train, size=32, seed=settings.seed, split="train")
+    H_train, y_train = extract_features(encoder, train, device=device, progress=False)
+    H_test, y_test = extract_features(encoder, test, device=device, progress=False)
+    probe = linear_probe(H_train, y_train, H_test[:settings.n_test], y_test[:settings.n_test])
+    probe_model = nn.Sequential(encoder, probe.classifier.to(device)).eval()
+    images = (test.images[:settings.n_explain].float() / 255).to(device)
+    masks = test.masks[:settings.n_explain]
+    layer = getattr(encoder, settings.layer)
+    views = SimCLRAugment(32)(images.cpu(), torch.Generator().manual_seed(settings.seed)).to(device)
+    with torch.no_grad():
+        predicted = probe_model(images).argmax(1)
+        top_feature = encoder(images).argmax(1)
+    maps = {"Grad-CAM (probe class)": gradcam(probe_model, layer, images, class_score(predicted)),
+            "Grad-CAM (contrastive)": gradcam(model, layer, images, contrastive(views, temperature=0.2)),
+            "Grad-CAM (top feature)": gradcam(encoder, layer, images, feature(top_feature))}
+    return {name: pointing_hits(torch.nan_to_num(m.float()).cpu(), masks, settings.pg_tolerance).numpy()
+            for name, m in maps.items()}
+
+
 def _falcon_precision(H: torch.Tensor, data: StudyData) -> tuple[float, int]:
     """FALCON's P@1 over the explainable features of H [N, r] (nan when none is explainable)."""
     from course_utils.data.captions import concept_names
@@ -340,21 +384,27 @@ def _falcon_precision(H: torch.Tensor, data: StudyData) -> tuple[float, int]:
 
 
 def _tcav_nuisance_share(probe_model: nn.Module, layer: nn.Module, data: StudyData, settings: StudySettings,
-                         device: torch.device) -> float:
+                         device: torch.device) -> tuple[float, list[dict[str, Any]]]:
     """Share of (class, nuisance concept) pairs the probe's logit significantly uses: TCAV scores above the
-    random CAVs' (one-sided), Benjamini–Hochberg at q = 0.05 across all pairs tested."""
+    random CAVs' (one-sided), Benjamini–Hochberg at q = 0.05 across all pairs tested; and the pairs
+    ({"class", "concept", "score", "random score", "p", "significant"}, the scores being means over the CAVs)."""
     from course_utils.explain.concepts import tcav_concepts
     from course_utils.stats import benjamini_hochberg
 
     test_images = data.test.images.float() / 255
     concepts = {name: examples.to(device) for name, examples in data.concept_sets.items()}
     random_sets = [r.to(device) for r in data.random_sets]
-    p_values = []
+    pairs = []
     for c in range(settings.tcav_classes):
         inputs = test_images[(data.test.labels == c).nonzero().flatten()[:settings.tcav_inputs]].to(device)
         results = tcav_concepts(probe_model, layer, inputs, lambda out, c=c: out[:, c], concepts, random_sets)
-        p_values.extend(r.p_value for r in results.values())
-    return float(np.mean(benjamini_hochberg(p_values, q=0.05)))
+        pairs.extend({"class": data.test.classes[c],
+                      "concept": name, "score": r.score, "random score": float(np.mean(r.random_scores)),
+                      "p": r.p_value} for name, r in results.items())
+    significant = benjamini_hochberg([pair["p"] for pair in pairs], q=0.05)
+    for pair, used in zip(pairs, significant):
+        pair["significant"] = bool(used)
+    return float(np.mean(significant)), pairs
 
 
 def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySettings,
@@ -362,11 +412,12 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
     """Probe accuracy and every interpretability measurement of one encoder.
 
     Returns:
-        {"probe accuracy": float, "saliency": {explainer: {"pointing game", "mask IoU", "deletion AUC",
-        "seconds"}}, "FALCON P@1": float, "FALCON features": int, "TCAV nuisance share": float,
-        "seconds": float}.
+        {"probe accuracy": float, "saliency": {explainer: {"pointing game", "mask IoU", "deletion AUC"}},
+        "per image": {explainer: {"pointing game", "mask IoU", "deletion AUC"}: [n_explain] values, for
+        intervals over images}, "FALCON P@1": float, "FALCON features": int, "TCAV nuisance share": float,
+        "TCAV pairs": [{"class", "concept", "score", "random score", "p", "significant"}], "seconds": float}.
     """
-    from course_utils.metrics import deletion_auc, mask_iou, pointing_game
+    from course_utils.metrics import deletion_auc, mask_iou, pointing_hits
     from course_utils.simclr import extract_features, linear_probe
 
     device = device or get_device()
@@ -390,19 +441,22 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
             return probe_model(x.to(device)).float().softmax(1)
 
     saliency: dict[str, dict[str, float]] = {}
+    per_image: dict[str, dict[str, list[float]]] = {}
     for name, maps in _saliency_maps(model, probe_model, head, images, predicted, settings, device).items():
         maps = torch.nan_to_num(maps.float())
-        saliency[name] = {
-            "pointing game": pointing_game(maps.cpu(), masks, settings.pg_tolerance),
-            "mask IoU": mask_iou(maps.cpu(), masks).mean().item(),
+        values = {
+            "pointing game": pointing_hits(maps.cpu(), masks, settings.pg_tolerance),
+            "mask IoU": mask_iou(maps.cpu(), masks),
             "deletion AUC": deletion_auc(probabilities, images, maps, steps=settings.deletion_steps,
-                                         target=predicted).mean().item(),
+                                         target=predicted),
         }
+        saliency[name] = {metric: v.float().mean().item() for metric, v in values.items()}
+        per_image[name] = {metric: [round(x, 6) for x in v.float().cpu().tolist()] for metric, v in values.items()}
     H_falcon, _ = extract_features(encoder, data.falcon_world, device=device, progress=False)
     p_at_1, n_features = _falcon_precision(H_falcon, data)
-    nuisance = _tcav_nuisance_share(probe_model, getattr(encoder, settings.layer), data, settings, device)
-    return {"probe accuracy": probe.accuracy, "saliency": saliency, "FALCON P@1": p_at_1,
-            "FALCON features": n_features, "TCAV nuisance share": nuisance,
+    nuisance, tcav_pairs = _tcav_nuisance_share(probe_model, getattr(encoder, settings.layer), data, settings, device)
+    return {"probe accuracy": probe.accuracy, "saliency": saliency, "per image": per_image, "FALCON P@1": p_at_1,
+            "FALCON features": n_features, "TCAV nuisance share": nuisance, "TCAV pairs": tcav_pairs,
             "seconds": time.perf_counter() - started}
 
 
@@ -439,12 +493,27 @@ class StudyResult:
         baselines: pointing game and mask IoU of the random map and the centre prior.
         settings: the StudySettings used.
         missing: encoders of the grid that are not trained (with the command that trains them).
+        per_image: encoder -> explainer -> measure -> the values on each explained image (the same
+            ``n_explain`` test images for every encoder and baseline, so differences are paired); the
+            baselines appear as encoders "random map" and "centre prior" with explainer "baseline".
+        tcav_pairs: encoder -> the (class, nuisance concept) pairs behind its TCAV nuisance share.
     """
 
     rows: list[dict[str, Any]]
     baselines: dict[str, dict[str, float]]
     settings: StudySettings
     missing: list[str] = field(default_factory=list)
+    per_image: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    tcav_pairs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def values(self, encoder: str, explainer: str, measure: str) -> np.ndarray:
+        """Per-image values [n_explain] of one encoder's explainer (or of a baseline: explainer "baseline"),
+        for ``stats.mean_interval`` / ``stats.difference_interval``.
+
+        Raises:
+            KeyError: not measured per image (measurements cached by an older version).
+        """
+        return np.asarray(self.per_image[encoder][explainer][measure], dtype=float)
 
 
 def _rows(spec: EncoderSpec, measured: dict[str, Any]) -> list[dict[str, Any]]:
@@ -482,7 +551,7 @@ def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: 
     device = device or get_device()
     cache_dir = default_data_root() / "study" / "cache"
     data: StudyData | None = None
-    rows, missing = [], []
+    rows, missing, per_image, tcav_pairs = [], [], {}, {}
     for spec in specs:
         path = checkpoint_path(spec, grid)
         if path is not None and not path.is_file():
@@ -502,58 +571,213 @@ def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: 
         if progress:
             print(f"{spec.name:<20} probe {measured['probe accuracy']:.1%}  ({source})", flush=True)
         rows.extend(_rows(spec, measured))
+        if "per image" in measured:
+            per_image[spec.name] = measured["per image"]
+        if "TCAV pairs" in measured:
+            tcav_pairs[spec.name] = measured["TCAV pairs"]
     test = data.test if data is not None else _test_world(settings)  # no toy CLIP when everything is cached
-    return StudyResult([_plain(r) for r in rows], baseline_scores(test, settings), settings, missing)
+    baselines = baseline_values(test, settings)
+    per_image.update({name: {"baseline": values} for name, values in baselines.items()})
+    return StudyResult([_plain(r) for r in rows], baseline_scores(test, settings), settings, missing, per_image,
+                       tcav_pairs)
 
 
 # --------------------------------------------------------------------------
 # The closing figure
 # --------------------------------------------------------------------------
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation of two sequences (average ranks for ties; nan when one is constant)."""
-    from scipy.stats import spearmanr
+def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> "stats.SpearmanTest | None":
+    """Spearman's ρ of paired values with its exact (n ≤ 8) or permutation p-value (``stats.spearman_test``),
+    over the pairs where both values are measured (None or nan skipped).
 
-    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+    Returns:
+        the test (``.rho``, ``.p``, ``.n``), or None when fewer than 3 pairs remain or one side is constant
+        (ρ undefined).
+    """
+    pairs = [(float(a), float(b)) for a, b in zip(x, y)
+             if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
     if len(pairs) < 3:
-        return float("nan")
+        return None
     a, b = map(np.asarray, zip(*pairs))
     if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+        return None
+    return stats.spearman_test(a, b)
 
 
 PANELS = [("pointing game", SALIENCY_EXPLAINERS, +1), ("mask IoU", SALIENCY_EXPLAINERS, +1),
           ("deletion AUC", SALIENCY_EXPLAINERS, -1), ("concept P@1", ["FALCON"], +1), ("nuisance share", ["TCAV"], -1)]
 EXPLAINER_ROWS = SALIENCY_EXPLAINERS + ["FALCON", "TCAV"]
+SEED_FACTOR = "seed"
 
 
-def improvement_correlations(result: StudyResult, exclude: Sequence[str] = ()) -> np.ndarray:
-    """Spearman ρ between probe accuracy and each explainer's measures across the encoders, signed so that
-    ρ > 0 means *explanations improve with accuracy* (the ρ of deletion AUC and of the nuisance share,
-    where lower is better, is negated).
+def seed_encoders(result: StudyResult) -> list[str]:
+    """The measured encoders of the base recipe: the base and its "seed" repeats (other training seeds)."""
+    factors = dict((r["encoder"], r["factor"]) for r in result.rows)
+    return [name for name, factor in factors.items() if factor in ("base", SEED_FACTOR)]
 
-    Returns:
-        float [len(EXPLAINER_ROWS), 3]: columns pointing game (FALCON: P@1, TCAV: nuisance share),
-        mask IoU, deletion AUC; nan where not measured or constant.
+
+def recipes(result: StudyResult, seeds: str = "mean") -> StudyResult:
+    """One encoder per training recipe, so that repeats of the base recipe do not count as extra encoders
+    in a correlation across encoders.
+
+    Args:
+        seeds: "mean": the base's rows become the mean over the base and its seed repeats (every measure and
+            the probe accuracy; None where any seed lacks it); "exclude": the seed repeats are dropped and
+            the base keeps its own (seed 0) values; "keep": the result unchanged.
     """
-    correlations = np.full((len(EXPLAINER_ROWS), 3), np.nan)
+    if seeds == "keep":
+        return result
+    if seeds not in ("mean", "exclude"):
+        raise ValueError(f"seeds must be 'mean', 'exclude' or 'keep', got {seeds!r}")
+    replicas = seed_encoders(result)
+    rows = [r for r in result.rows if r["factor"] != SEED_FACTOR]
+    if seeds == "mean" and len(replicas) > 1:
+        base = next(r["encoder"] for r in result.rows if r["factor"] == "base")
+        averaged = []
+        for r in rows:
+            if r["encoder"] != base:
+                averaged.append(r)
+                continue
+            same = [q for q in result.rows if q["encoder"] in replicas and q["explainer"] == r["explainer"]]
+            mean = dict(r)
+            for key, value in r.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values = [q.get(key) for q in same]
+                    mean[key] = None if any(v is None for v in values) else float(np.mean(values))
+            averaged.append(mean)
+        rows = averaged
+    repeats = {r["encoder"] for r in result.rows if r["factor"] == SEED_FACTOR}
+    per_image = {k: v for k, v in result.per_image.items() if k not in repeats}
+    return StudyResult(rows, result.baselines, result.settings, result.missing, per_image,
+                       {k: v for k, v in result.tcav_pairs.items() if k not in repeats})
+
+
+@dataclass(frozen=True)
+class Correlations:
+    """Signed Spearman tests between probe accuracy and each explainer's measures across encoders.
+
+    Attributes:
+        tests: (explainer, measure) -> the ``stats.SpearmanTest`` of probe accuracy against the measure,
+            signed so that ρ > 0 means *explanations improve with accuracy* (the measure is negated where
+            lower is better: deletion AUC, nuisance share; the p-value is two-sided, so unchanged), or None
+            where ρ is undefined.
+    """
+
+    tests: dict[tuple[str, str], "stats.SpearmanTest | None"]
+
+    def _grid(self, attribute: str) -> np.ndarray:
+        grid = np.full((len(EXPLAINER_ROWS), 3), np.nan)
+        for (explainer, measure), test in self.tests.items():
+            if test is not None:
+                grid[EXPLAINER_ROWS.index(explainer), _column(measure)] = getattr(test, attribute)
+        return grid
+
+    @property
+    def rho(self) -> np.ndarray:
+        """float [len(EXPLAINER_ROWS), 3]: columns pointing game (FALCON: P@1, TCAV: nuisance share), mask IoU,
+        deletion AUC; nan where not measured or constant."""
+        return self._grid("rho")
+
+    @property
+    def p(self) -> np.ndarray:
+        """The two-sided p-values, laid out as ``rho``."""
+        return self._grid("p")
+
+    @property
+    def n(self) -> np.ndarray:
+        """The number of encoders of each test, laid out as ``rho``."""
+        return self._grid("n")
+
+    def significant(self, level: float = 0.05) -> list[tuple[str, str]]:
+        """The (explainer, measure) pairs whose correlation has p < ``level``."""
+        return [key for key, test in self.tests.items() if test is not None and test.p < level]
+
+
+def _column(measure: str) -> int:
+    return {"mask IoU": 1, "deletion AUC": 2}.get(measure, 0)
+
+
+def improvement_correlations(result: StudyResult, exclude: Sequence[str] = (), seeds: str = "mean") -> Correlations:
+    """Spearman ρ (with its exact/permutation p-value, ``stats.spearman_test``) between probe accuracy and
+    each explainer's measures across the encoders, signed so that ρ > 0 means *explanations improve with
+    accuracy*.
+
+    Args:
+        exclude: encoders left out (e.g. the untrained reference, which would set the ranks alone).
+        seeds: how the seed repeats of the base recipe enter (``recipes``): by default the base is the mean
+            over its seeds, so each recipe is one point.
+    """
+    result = recipes(result, seeds)
+    tests = {}
     for metric, explainers, sign in PANELS:
-        column = {"mask IoU": 1, "deletion AUC": 2}.get(metric, 0)
         for explainer in explainers:
             kept = [r for r in result.rows if r["explainer"] == explainer and r["encoder"] not in exclude]
-            rho = spearman([r["probe accuracy"] for r in kept], [r.get(metric) for r in kept])
-            correlations[EXPLAINER_ROWS.index(explainer), column] = sign * rho
-    return correlations
+            tests[(explainer, metric)] = spearman(
+                [r["probe accuracy"] for r in kept],
+                [None if r.get(metric) is None else sign * r[metric] for r in kept])
+    return Correlations(tests)
 
 
-def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = ()) -> tuple[Any, np.ndarray]:
+def measure_table(result: StudyResult) -> "pd.DataFrame":
+    """One row per encoder, one column per headline measure: probe accuracy, the pointing game of each saliency
+    explainer ("PG <explainer>"), "FALCON P@1" and "TCAV nuisance share" (nan where not measured)."""
+    import pandas as pd
+
+    table: dict[str, dict[str, float]] = {}
+    for r in result.rows:
+        row = table.setdefault(r["encoder"], {"probe accuracy": r["probe accuracy"]})
+        if r["explainer"] == "FALCON":
+            row["FALCON P@1"] = r.get("concept P@1")
+        elif r["explainer"] == "TCAV":
+            row["TCAV nuisance share"] = r.get("nuisance share")
+        else:
+            row[f"PG {r['explainer']}"] = r.get("pointing game")
+    return pd.DataFrame.from_dict(table, orient="index").astype(float)
+
+
+def seed_spread(result: StudyResult) -> "pd.Series":
+    """Seed-to-seed spread of the base recipe: for every column of ``measure_table``, the largest difference
+    (max − min) between the base and its seed repeats (nan with fewer than two of them measured)."""
+    values = measure_table(result).loc[seed_encoders(result)]
+    spread = values.max() - values.min()
+    return spread if len(values) >= 2 else spread * np.nan
+
+
+def factor_effects(result: StudyResult, references: dict[str, str]) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """The change of every ``measure_table`` column when one factor changes, and whether it exceeds the seed
+    spread of the base recipe.
+
+    Args:
+        references: encoder -> the encoder it differs from in one factor (pairs with a missing encoder are
+            skipped).
+    Returns:
+        (deltas, exceeds): both indexed "reference → encoder" with columns "Δ <measure>"; ``exceeds`` is True
+        where |Δ| > the seed spread of that measure (False where the spread is unknown).
+    """
+    import pandas as pd
+
+    table, spread = measure_table(result), seed_spread(result)
+    deltas, exceeds = {}, {}
+    for encoder, reference in references.items():
+        if encoder in table.index and reference in table.index:
+            delta = table.loc[encoder] - table.loc[reference]
+            deltas[f"{reference} → {encoder}"] = delta
+            exceeds[f"{reference} → {encoder}"] = delta.abs() > spread
+    deltas_frame = pd.DataFrame.from_dict(deltas, orient="index").add_prefix("Δ ")
+    exceeds_frame = pd.DataFrame.from_dict(exceeds, orient="index").add_prefix("Δ ").fillna(False).astype(bool)
+    return deltas_frame, exceeds_frame
+
+
+def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = (), seeds: str = "mean") -> tuple[Any, np.ndarray]:
     """Interpretability vs performance: one point per encoder (marker) and explainer (colour) in each panel
-    (x: linear-probe accuracy, y: an explanation-quality measure on ground truth), the baselines as grey
-    lines, and a last panel with ``improvement_correlations``.
+    (x: linear-probe accuracy, y: an explanation-quality measure on ground truth; the seed repeats of the base
+    appear as their own points), the baselines as grey lines, and a last panel with
+    ``improvement_correlations``: each cell's signed ρ, its p-value and, in the title, the number of encoders
+    (bold: p < 0.05).
 
     Args:
         exclude: encoders left out of the ρ panel (e.g. the untrained reference, which sets the ranks alone).
+        seeds: how the base's seed repeats enter the ρ panel (``recipes``; default: their mean is one point).
     Returns:
         (fig, axes [2, 3]).
     """
@@ -577,16 +801,23 @@ def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = ()) -> tuple[A
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} ({'higher' if sign > 0 else 'lower'} is better)")
     ax = axes[1, 2]
-    correlations = improvement_correlations(result, exclude)
-    image = ax.imshow(correlations, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    correlations = improvement_correlations(result, exclude, seeds)
+    rho, p, n = correlations.rho, correlations.p, correlations.n
+    image = ax.imshow(rho, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     ax.set_yticks(range(len(EXPLAINER_ROWS)), [*SALIENCY_EXPLAINERS, "FALCON (P@1)", "TCAV (nuisance share)"],
                   fontsize=8)
     ax.set_xticks(range(3), ["pointing game\n/ P@1 / share", "mask IoU", "deletion AUC"], fontsize=8)
-    for (i, j), value in np.ndenumerate(correlations):
+    counts = sorted({int(k) for k in n[np.isfinite(n)]})
+    for (i, j), value in np.ndenumerate(rho):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+            label = f"{value:+.2f}\np = {p[i, j]:.2f}" + (f", n = {int(n[i, j])}" if len(counts) > 1 else "")
+            ax.text(j, i, label, ha="center", va="center", fontsize=8,
+                    fontweight="bold" if p[i, j] < 0.05 else "normal")
     fig.colorbar(image, ax=ax, label="Spearman ρ, signed: > 0 = explanations improve with accuracy")
-    ax.set_title("Does better performance go with better explanations?")
+    encoders_text = f"{counts[0]} encoders" if len(counts) == 1 else "n encoders per cell"
+    kind = "exact" if all(t.exact for t in correlations.tests.values() if t is not None) else "permutation"
+    ax.set_title(f"Does better performance go with better explanations?\nρ over {encoders_text}; "
+                 f"{kind} p (bold: p < 0.05)", fontsize=10)
     handles = [Line2D([], [], ls="", marker="o", markersize=8, color=colours[e], label=e) for e in EXPLAINER_ROWS]
     handles += [Line2D([], [], color="gray", ls=":", label="baseline: random map"),
                 Line2D([], [], color="gray", ls="--", label="baseline: centre prior")]

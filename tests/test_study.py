@@ -1,6 +1,7 @@
 """The interpretability-vs-performance study: grid, cache, measurements and the closing figure."""
 
 import dataclasses
+import itertools
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -48,6 +49,19 @@ def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache
             assert 0 <= r["pointing game"] <= 1 and 0 <= r["mask IoU"] <= 1 and r["deletion AUC"] >= 0
     base_accuracy, untrained_accuracy = (rows[0]["probe accuracy"] for rows in by_encoder.values())
     assert base_accuracy > untrained_accuracy + 0.3  # measured: 0.8 vs 0.2 on 200 test images
+    for name in ("base", "untrained"):  # per-image values, for paired intervals: their mean is the row's value
+        for r in by_encoder[name][:5]:
+            hits = result.values(name, r["explainer"], "pointing game")
+            assert hits.shape == (TINY.n_explain,) and hits.mean() == pytest.approx(r["pointing game"], abs=1e-6)
+    assert result.values("centre prior", "baseline", "pointing game").mean() == pytest.approx(
+        result.baselines["centre prior"]["pointing game"])
+    assert len(result.tcav_pairs["base"]) == TINY.tcav_classes * len(study.NUISANCE_CONCEPTS)
+    assert by_encoder["base"][-1]["nuisance share"] == pytest.approx(
+        np.mean([pair["significant"] for pair in result.tcav_pairs["base"]]))
+    # the cheap Grad-CAM-only measurement (notebook 08's layer exercise) reproduces the study's maps
+    cheap = study.gradcam_pointing(study.load_encoder(TEST_GRID[0], test_grid), TINY)
+    for name, hits in cheap.items():
+        np.testing.assert_allclose(hits, result.values("base", name, "pointing game"), atol=1e-6)
 
     calls = []
 
@@ -63,28 +77,47 @@ def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache
     assert len(calls) == 1
 
 
-def test_spearman_matches_scipy_and_refuses_too_few_or_constant_values():
+def test_spearman_is_the_exact_permutation_test_and_skips_unmeasured_or_constant_values():
     x, y = [0.2, 0.5, 0.9, 0.7, 0.1], [1.0, 3.0, 2.0, 5.0, 0.0]
-    assert study.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
-    assert np.isnan(study.spearman([0.1, 0.2], [1.0, 2.0]))
-    assert np.isnan(study.spearman([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]))
-    assert study.spearman([0.1, 0.2, None, 0.4], [1.0, 2.0, 5.0, 3.0]) == pytest.approx(1.0)  # None skipped
+    test = study.spearman(x, y)
+    assert test.rho == pytest.approx(spearmanr(x, y).statistic) and test.n == 5 and test.exact
+    # exact two-sided p: the share of the 5! pairings whose |ρ| reaches the observed one
+    orderings = list(itertools.permutations(range(5)))
+    at_least = sum(abs(spearmanr(x, [y[i] for i in order]).statistic) >= abs(test.rho) - 1e-12 for order in orderings)
+    assert test.p == pytest.approx(at_least / len(orderings))
+    # a perfect ranking of five encoders: only the identity and the reversal reach |ρ| = 1, p = 2/120 (not 0)
+    perfect = study.spearman([0.1, 0.2, 0.3, 0.4, 0.5], [3.0, 4.0, 5.0, 6.0, 7.0])
+    assert perfect.rho == pytest.approx(1.0) and perfect.p == pytest.approx(2 / 120)
+    # the p-value is two-sided: reversing one side flips ρ and keeps p
+    flipped = study.spearman(x, [-v for v in y])
+    assert flipped.rho == pytest.approx(-test.rho) and flipped.p == pytest.approx(test.p)
+    assert study.spearman([0.1, 0.2, None, 0.4], [1.0, 2.0, 5.0, 3.0]).n == 3  # None skipped
+    assert study.spearman([0.1, 0.2, float("nan"), 0.4], [1.0, 2.0, 5.0, 3.0]).rho == pytest.approx(1.0)
+    assert study.spearman([0.1, 0.2], [1.0, 2.0]) is None
+    assert study.spearman([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]) is None
 
 
-def test_tradeoff_figure_puts_each_explainers_signed_rank_correlation_in_its_cell():
+def _rows(encoder, factor, accuracy, pointing, falcon=0.5, nuisance=None, iou=0.1, deletion=0.5):
+    rows = [{"encoder": encoder, "factor": factor, "probe accuracy": accuracy, "explainer": explainer,
+             "pointing game": pointing[j], "mask IoU": iou, "deletion AUC": deletion}
+            for j, explainer in enumerate(study.SALIENCY_EXPLAINERS)]
+    rows.append({"encoder": encoder, "factor": factor, "probe accuracy": accuracy, "explainer": "FALCON",
+                 "concept P@1": falcon, "features explained": 3})
+    rows.append({"encoder": encoder, "factor": factor, "probe accuracy": accuracy, "explainer": "TCAV",
+                 "nuisance share": nuisance})
+    return rows
+
+
+BASELINES = {"random map": {"pointing game": 0.1, "mask IoU": 0.05}, "centre prior": {"pointing game": 0.3,
+                                                                                    "mask IoU": 0.1}}
+
+
+def test_tradeoff_figure_puts_each_explainers_signed_rank_correlation_and_its_p_value_in_its_cell():
     rows = []
     for k, accuracy in enumerate([0.3, 0.5, 0.7, 0.9]):
-        for j, explainer in enumerate(study.SALIENCY_EXPLAINERS):
-            rows.append({"encoder": f"e{k}", "factor": "width", "probe accuracy": accuracy, "explainer": explainer,
-                         "pointing game": k / 4 if j == 0 else 1 - k / 4, "mask IoU": 0.1, "deletion AUC": 0.5})
-        rows.append({"encoder": f"e{k}", "factor": "width", "probe accuracy": accuracy, "explainer": "FALCON",
-                     "concept P@1": [0.5, 0.4, 0.9, 0.8][k], "features explained": 3})
-        rows.append({"encoder": f"e{k}", "factor": "width", "probe accuracy": accuracy, "explainer": "TCAV",
-                     "nuisance share": None})
-    baselines = {"random map": {"pointing game": 0.1, "mask IoU": 0.05}, "centre prior": {"pointing game": 0.3,
-                                                                                        "mask IoU": 0.1}}
+        rows += _rows(f"e{k}", "width", accuracy, [k / 4] + [1 - k / 4] * 4, falcon=[0.5, 0.4, 0.9, 0.8][k])
     rows[1]["deletion AUC"] = 0.6  # the contrastive maps of e0 delete worst: deletion improves with accuracy
-    fig, axes = study.tradeoff_figure(study.StudyResult(rows, baselines, TINY))
+    fig, axes = study.tradeoff_figure(study.StudyResult(rows, BASELINES, TINY))
     correlations = np.ma.filled(axes[1, 2].images[0].get_array(), np.nan)
     assert axes.shape == (2, 3)
     assert correlations[0, 0] == pytest.approx(1.0) and correlations[1, 0] == pytest.approx(-1.0)
@@ -93,7 +126,51 @@ def test_tradeoff_figure_puts_each_explainers_signed_rank_correlation_in_its_cel
     assert correlations[1, 2] == pytest.approx(-expected) and correlations[1, 2] > 0  # lower is better: sign flipped
     assert correlations[5, 0] == pytest.approx(spearmanr([0.3, 0.5, 0.7, 0.9], [0.5, 0.4, 0.9, 0.8]).statistic)
     assert np.isnan(correlations[6, 0])  # TCAV not measured
+    texts = [t.get_text() for t in axes[1, 2].texts]
+    # a perfect ranking of 4 encoders: p = 2/24 (exact), which is NOT below 0.05, so not bold
+    assert "+1.00\np = 0.08" in texts and "4 encoders" in axes[1, 2].get_title()
+    cell = next(t for t in axes[1, 2].texts if t.get_text().startswith("+1.00"))
+    assert cell.get_fontweight() == "normal"
     plt.close(fig)
+
+
+def test_improvement_correlations_count_the_base_recipe_once_with_its_seed_mean():
+    rows = (_rows("base", "base", 0.80, [0.5] * 5) + _rows("base-s1", "seed", 0.84, [0.7] * 5)
+            + _rows("base-s2", "seed", 0.86, [0.9] * 5))
+    for k, (accuracy, pointing) in enumerate([(0.5, 0.2), (0.6, 0.3), (0.7, 0.4), (0.9, 0.8), (0.95, 0.9)]):
+        rows += _rows(f"e{k}", "width", accuracy, [pointing] * 5)
+    result = study.StudyResult(rows, BASELINES, TINY)
+    assert study.seed_encoders(result) == ["base", "base-s1", "base-s2"]
+    mean = study.improvement_correlations(result).tests[("RELAX", "pointing game")]
+    # six recipes: the base at its seed mean (0.833, 0.7) ranks 4th on both axes -> a perfect ranking
+    assert mean.n == 6 and mean.rho == pytest.approx(1.0) and mean.p == pytest.approx(2 / 720)
+    separate = study.improvement_correlations(result, seeds="keep").tests[("RELAX", "pointing game")]
+    assert separate.n == 8 and separate.rho < 1  # the repeats would count as three encoders
+    excluded = study.improvement_correlations(result, seeds="exclude").tests[("RELAX", "pointing game")]
+    assert excluded.n == 6 and excluded.rho == pytest.approx(1.0)
+    assert study.improvement_correlations(result).significant() == [
+        (e, "pointing game") for e in study.SALIENCY_EXPLAINERS]
+    with pytest.raises(ValueError, match="seeds must be"):
+        study.recipes(result, seeds="median")
+
+
+def test_a_factor_effect_counts_only_where_it_exceeds_the_seed_spread():
+    rows = (_rows("base", "base", 0.80, [0.5] * 5, falcon=0.9) + _rows("base-s1", "seed", 0.84, [0.6] * 5, falcon=0.8)
+            + _rows("base-s2", "seed", 0.82, [0.45] * 5, falcon=0.9)
+            + _rows("narrow", "width", 0.70, [0.58, 0.9, 0.3, 0.5, 0.5], falcon=0.6))
+    result = study.StudyResult(rows, BASELINES, TINY)
+    spread = study.seed_spread(result)
+    assert spread["probe accuracy"] == pytest.approx(0.04) and spread["PG RELAX"] == pytest.approx(0.15)
+    assert spread["FALCON P@1"] == pytest.approx(0.1) and np.isnan(spread["TCAV nuisance share"])
+    deltas, exceeds = study.factor_effects(result, {"narrow": "base", "missing": "base"})
+    assert list(deltas.index) == ["base → narrow"]
+    assert deltas.loc["base → narrow", "Δ probe accuracy"] == pytest.approx(-0.10)
+    assert exceeds.loc["base → narrow"].to_dict() == {
+        "Δ probe accuracy": True, "Δ PG Grad-CAM (probe class)": False, "Δ PG Grad-CAM (contrastive)": True,
+        "Δ PG Grad-CAM (top feature)": True, "Δ PG RELAX": False, "Δ PG AGF (probe class)": False,
+        "Δ FALCON P@1": True, "Δ TCAV nuisance share": False}
+    one_seed = study.StudyResult([r for r in rows if r["factor"] != "seed"], BASELINES, TINY)
+    assert study.seed_spread(one_seed).isna().all()  # one seed: no spread, no effect counts
 
 
 def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full_settings():
