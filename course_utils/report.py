@@ -55,7 +55,7 @@ class Claim:
 def _as_bool(holds: object) -> bool:
     """``holds`` as a Python bool; a tensor or array must have exactly one element."""
     if isinstance(holds, (torch.Tensor, np.ndarray)):
-        if np.size(holds.detach().cpu().numpy() if isinstance(holds, torch.Tensor) else holds) != 1:
+        if (holds.numel() if isinstance(holds, torch.Tensor) else holds.size) != 1:
             raise ValueError(f"a claim's `holds` must be a single truth value, got shape {tuple(holds.shape)}")
         return bool(holds.item())
     if not isinstance(holds, (bool, np.bool_)):
