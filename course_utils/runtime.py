@@ -146,6 +146,18 @@ def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run a block with ``model`` in eval mode (BatchNorm uses its running statistics and leaves them
+    unchanged; dropout is off), then restore the mode the model had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def environment_report() -> dict[str, str]:
     """Versions, device and precision, as printed at the top of every notebook."""
     import torchvision

@@ -128,3 +128,21 @@ def test_feature_target_reads_h_of_a_simclr_model(simclr_model, images):
     through_model = gradcam(simclr_model, layer, images, feature(5))
     through_encoder = gradcam(simclr_model.encoder, layer, images, feature(5))
     assert torch.allclose(through_model, through_encoder, atol=1e-6)
+
+
+def test_a_model_in_train_mode_is_explained_in_eval_mode_and_keeps_its_batchnorm_statistics(simclr_model, images):
+    """The contrastive target embeds the partner views before the hooked pass; both run in eval mode, so a
+    model left in train mode gets the eval-mode map, keeps its running statistics and its mode."""
+    views = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    layer = simclr_model.encoder.layer3
+    simclr_model.eval()
+    expected = gradcam(simclr_model, layer, images, contrastive(views, 0.3))
+    simclr_model.train()
+    buffers = {name: b.clone() for name, b in simclr_model.named_buffers()}
+    try:
+        maps = gradcam(simclr_model, layer, images, contrastive(views, 0.3))
+        assert simclr_model.training
+        assert all(torch.equal(buffers[name], b) for name, b in simclr_model.named_buffers())
+        assert torch.allclose(maps, expected, atol=1e-6)
+    finally:
+        simclr_model.eval()

@@ -79,8 +79,6 @@ def test_notebook_follows_the_template(notebook):
 # listed with the reason; the claim tests are expected to fail for them (strict: remove the entry once
 # the notebook passes).
 NOT_YET_CONVERTED: dict[str, tuple[str, set[str]]] = {
-    "02_gradcam_ssl": ("its conversion (layer chosen on val, test report with intervals) is written but not yet "
-                       "executed at full settings", {"claims", "answer", "markdown"}),
     "06_explaining_pairs": ("its conversion (temperature chosen on val, paired intervals over pairs) is written but "
                             "its full run still stops at claims written from the old numbers",
                             {"claims", "answer", "markdown"}),
@@ -169,3 +167,45 @@ def test_the_markdown_number_check_catches_a_typed_measurement_and_spares_settin
     assert not measured_numbers_in_markdown([cell("Significant when p < 0.05; FALCON keeps WS ≥ 0.08.")])
     assert not measured_numbers_in_markdown([cell("See eq. 4.1, Fig. 3.6 and §10; chance is 12.5 %.")])
     assert not measured_numbers_in_markdown([cell("**Run time** (2-core CPU): quick ≈ 1 min, full ≈ 5 min")])
+
+
+# --------------------------------------------------------------------------
+# Run times: the course map, each header and the committed run agree
+# --------------------------------------------------------------------------
+
+COURSE_MAP_ROW = re.compile(r"^\| \[`(\d\d_\w+)`\]\([^)]+\) \| [^|]+ \| ([^|/]+?) / ([^|(]+?)(?: \([^|]*\))? \|", re.M)
+DURATION = re.compile(r"^(\d+(?:\.\d+)?) (s|min)$")
+
+
+def seconds(duration: str) -> float:
+    """'35 s' -> 35, '5.5 min' -> 330."""
+    match = DURATION.match(duration)
+    assert match, f"a run time is written 'N s' or 'N min', got {duration!r}"
+    return float(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+def course_map() -> dict[str, tuple[str, str]]:
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    return {stem: (quick.strip(), full.strip()) for stem, quick, full in COURSE_MAP_ROW.findall(readme)}
+
+
+def test_the_course_map_and_each_notebook_header_state_the_same_run_times():
+    times = course_map()
+    assert set(times) == {p.stem for p in NOTEBOOKS}, "every notebook has one row in the README's course map"
+    for notebook in NOTEBOOKS:
+        header = "".join(json.loads(notebook.read_text())["cells"][0]["source"])
+        quick, full = times[notebook.stem]
+        assert f"quick ≈ {quick}" in header and f"full ≈ {full}" in header, (
+            f"{notebook.stem}: the header must say 'quick ≈ {quick}' and 'full ≈ {full}', as the course map does")
+
+
+def test_the_stated_full_run_time_is_that_of_the_committed_run():
+    """Each committed notebook prints its run time in its last cell; the header's full time may round it but
+    not contradict it (within a factor of 1.5 either way: CPU load varies between runs)."""
+    times = course_map()
+    for notebook in NOTEBOOKS:
+        last = json.loads(notebook.read_text())["cells"][-1]
+        printed = re.search(r"notebook run time: (\d+) s", "".join("".join(o.get("text", "")) for o in last.get("outputs", [])))
+        assert printed, f"{notebook.stem}: the last cell prints 'notebook run time: N s'"
+        measured, stated = float(printed.group(1)), seconds(times[notebook.stem][1])
+        assert stated / 1.5 <= measured <= stated * 1.5, f"{notebook.stem}: header says {stated:.0f} s, the run took {measured:.0f} s"

@@ -106,6 +106,17 @@ def test_masks_lie_in_the_unit_interval_keep_p_on_average_and_are_smooth():
         assert masks.std() > 0.2  # not blurred into a constant
 
 
+@pytest.mark.parametrize("size", [16, 37])
+def test_the_course_masks_at_any_size_are_accepted_back_as_masks(small_encoder, size):
+    """At 16 or 37 px with grid 7 the bilinear weights summed to 1 + 1 ulp in float32, and relax refused the
+    course's own masks; they are clamped to [0, 1]."""
+    masks = relax_masks(400, size, generator=torch.Generator().manual_seed(0))
+    assert 0 <= masks.min() and masks.max() <= 1
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))
+    result = relax(small_encoder, image, num_masks=len(masks), masks=masks)
+    assert result.importance.shape == (size, size) and torch.isfinite(result.importance).all()
+
+
 def test_mask_cells_land_at_random_shifts():
     masks = relax_masks(500, 32, grid=4, p_keep=0.5, generator=torch.Generator().manual_seed(0))
     # Without shifts every mask would have its cell centres at the same pixels; with them the

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.runtime import eval_mode
+
 Target = Callable[[Any], torch.Tensor]
 
 
@@ -171,11 +173,9 @@ def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor,
         captured.append(activation)
         return activation.to(output.dtype).clone()
 
-    was_training = model.training
-    model.eval()
     handle = layer.register_forward_hook(keep)
     try:
-        with torch.set_grad_enabled(score is not None):
+        with eval_mode(model), torch.set_grad_enabled(score is not None):
             output = model(x)
             if not captured:
                 raise ValueError(f"{type(layer).__name__} was not called in the model's forward pass")
@@ -187,7 +187,6 @@ def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor,
                                      "path to the score, e.g. model.encoder.layer4 (the projector comes after h)")
     finally:
         handle.remove()
-        model.train(was_training)
     return captured[-1].detach(), gradient
 
 
@@ -208,8 +207,9 @@ def gradcam(
     """
     if x.ndim != 4:
         raise ValueError(f"gradcam expects images [B, C, H, W], got shape {tuple(x.shape)}")
-    if hasattr(target, "prepare"):
-        target.prepare(model)
+    if hasattr(target, "prepare"):  # in eval mode too: a train-mode forward pass would update BatchNorm's statistics
+        with eval_mode(model):
+            target.prepare(model)
 
     def score(output: Any) -> torch.Tensor:
         scores = target(output)

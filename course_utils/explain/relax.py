@@ -96,7 +96,9 @@ def _render_masks(draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: 
     rows = shift_y[:, None] + torch.arange(height, device=device)  # [n, H]
     cols = shift_x[:, None] + torch.arange(width, device=device)  # [n, W]
     index = torch.arange(len(cells), device=device)[:, None, None]
-    return upsampled[index, rows[:, :, None], cols[:, None, :]]
+    # bilinear weights can sum to 1 + 1 ulp in float32 (e.g. 16 or 37 px with grid 7): clamp, so that the
+    # masks pass the [0, 1] check when they are handed back as ``masks=``
+    return upsampled[index, rows[:, :, None], cols[:, None, :]].clamp(0, 1)
 
 
 def _check_images(images: torch.Tensor) -> None:
