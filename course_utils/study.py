@@ -223,8 +223,9 @@ class StudySettings:
         pg_tolerance: pointing-game tolerance in pixels (15 px at 224 px, scaled to 32 px).
         falcon_probe: FALCON's probe set (test split, 30 % with a distractor bar, as notebook 05).
         tcav_classes, tcav_inputs, tcav_examples, tcav_random_sets: TCAV of the probe's logit for the
-            first ``tcav_classes`` classes, on ``tcav_inputs`` test images each, with concept and random
-            sets of ``tcav_examples`` training images.
+            first ``tcav_classes`` classes, on ``tcav_inputs`` test images each, with ``tcav_random_sets``
+            random sets of ``tcav_examples`` training images and, per concept, one fresh sample of as many
+            matching training images per random set (the calibrated design of notebook 07).
     """
 
     n_train: int = 5_000
@@ -262,7 +263,7 @@ class StudyData:
     falcon_image_embeddings: torch.Tensor  # toy-CLIP embeddings of falcon_world [N, d]
     caption_embeddings: torch.Tensor  # [M, d]
     captions: list[str]
-    concept_sets: dict[str, torch.Tensor]  # nuisance concept -> images [n, 3, S, S]
+    concept_sets: dict[str, list[torch.Tensor]]  # nuisance concept -> one sample [n, 3, S, S] per random set
     random_sets: list[torch.Tensor]
 
 
@@ -285,8 +286,14 @@ def study_data(settings: StudySettings) -> StudyData:
     captions = load_caption_set()
     train_images = train.images.float() / 255
     generator = torch.Generator().manual_seed(seed)
-    concept_sets = {name: train_images[select_samples(train, **rule)[:settings.tcav_examples]]
-                    for name, rule in NUISANCE_CONCEPTS.items()}
+    concept_sets = {}
+    for name, rule in NUISANCE_CONCEPTS.items():
+        pool = select_samples(train, **rule)
+        if len(pool) < settings.tcav_examples:
+            raise ValueError(f"only {len(pool)} training images show '{name}', fewer than tcav_examples = "
+                             f"{settings.tcav_examples}: raise n_train or lower tcav_examples")
+        concept_sets[name] = [train_images[pool[torch.randperm(len(pool), generator=generator)[:settings.tcav_examples]]]
+                              for _ in range(settings.tcav_random_sets)]
     random_sets = [train_images[torch.randperm(len(train), generator=generator)[:settings.tcav_examples]]
                    for _ in range(settings.tcav_random_sets)]
     return StudyData(train, test, falcon_world, clip.encode_images(falcon_world.images.float() / 255),
@@ -392,7 +399,7 @@ def _tcav_nuisance_share(probe_model: nn.Module, layer: nn.Module, data: StudyDa
     from course_utils.stats import benjamini_hochberg
 
     test_images = data.test.images.float() / 255
-    concepts = {name: examples.to(device) for name, examples in data.concept_sets.items()}
+    concepts = {name: [sample.to(device) for sample in samples] for name, samples in data.concept_sets.items()}
     random_sets = [r.to(device) for r in data.random_sets]
     pairs = []
     for c in range(settings.tcav_classes):
@@ -464,12 +471,17 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
 # The whole study, cached per encoder
 # --------------------------------------------------------------------------
 
+# Raised whenever what is measured changes without a change of settings or version, so that no cached
+# measurement of the old protocol is reused. 2: TCAV draws one concept sample per random set.
+MEASUREMENT_PROTOCOL = 2
+
+
 def _cache_key(spec: EncoderSpec, grid: str, settings: StudySettings) -> str:
     from course_utils import __version__
 
     path = checkpoint_path(spec, grid)
     weights = verify_checksum(path) if path is not None else f"untrained seed {settings.seed}"
-    text = json.dumps([asdict(spec), asdict(settings), weights, __version__], sort_keys=True)
+    text = json.dumps([asdict(spec), asdict(settings), weights, __version__, MEASUREMENT_PROTOCOL], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -852,6 +864,29 @@ def format_table(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: StudyResult) -> str:
+    """The README's table of the study: one row per encoder (probe accuracy, pointing game per saliency
+    explainer, FALCON P@1 with its number of features, TCAV nuisance share) and the baselines' row.
+    Printed by ``python -m course_utils.study --markdown``; a test keeps the README's copy equal to it."""
+    header = ["encoder", "factor", "probe", *(f"PG {e}" for e in SALIENCY_EXPLAINERS), "FALCON P@1 (features)",
+              "TCAV nuisance share"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value: Any) -> str:
+        return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.2f}"
+
+    for encoder in dict.fromkeys(r["encoder"] for r in result.rows):
+        rows = {r["explainer"]: r for r in result.rows if r["encoder"] == encoder}
+        first, falcon = next(iter(rows.values())), rows["FALCON"]
+        cells = [encoder, first["factor"], f"{100 * first['probe accuracy']:.1f} %",
+                 *(fmt(rows[e]["pointing game"]) for e in SALIENCY_EXPLAINERS),
+                 f"{fmt(falcon['concept P@1'])} ({falcon['features explained']:.0f})", fmt(rows["TCAV"]["nuisance share"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    baselines = " / ".join(f"{scores['pointing game']:.2f}" for scores in result.baselines.values())
+    lines.append(f"| baselines: {' / '.join(result.baselines)} | | | {baselines} |" + " |" * (len(header) - 4))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The interpretability-vs-performance study (notebook 08).")
     parser.add_argument("--grid", default="cpu", choices=sorted(GRIDS))
@@ -861,6 +896,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--encoders", nargs="+", metavar="NAME", help="only these encoders of the grid")
     parser.add_argument("--quick", action="store_true", help="small settings (as COURSE_QUICK=1)")
     parser.add_argument("--out", type=Path, help="also write the rows and baselines as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="print the README's table of the results")
     parser.add_argument("--commit", action="store_true",
                         help="also copy the measurements into data/study (committed with the course)")
     args = parser.parse_args(argv)
@@ -882,6 +918,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = QUICK if args.quick or quick_mode() else FULL
     result = run_study(args.grid, settings, device, encoders=args.encoders)
     print(format_table(result))
+    if args.markdown:
+        print(markdown_table(result))
     if args.commit:
         for spec in specs:
             measured = default_data_root() / "study" / "cache" / result_file(spec, args.grid, settings)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from course_utils.explain.gradcam import layer_gradient
 from course_utils.explain.concepts import (
     concept_activation_vector, layer_activations, prototypes, tcav, tcav_concepts, tcav_score,
 )
@@ -110,3 +111,23 @@ def test_prototypes_recover_planted_clusters():
     assert result.centroids.shape == (3, 8) and result.nearest.shape == (3, 5)
     with pytest.raises(ValueError, match="N >= k"):
         prototypes(H[:2], k=3)
+
+
+def test_a_concept_with_one_sample_per_random_set_pairs_sample_i_with_random_set_i():
+    """The calibrated design (notebook 07): CAV i separates concept sample i from random set i, so each
+    sample enters exactly one CAV; a list of the wrong length is refused."""
+    model = RednessModel()
+    samples = [random_images(30, 200 + i) for i in range(4)]  # random concepts: scores strictly between 0 and 1
+    randoms = [random_images(30, seed) for seed in range(1, 5)]
+    inputs = random_images(20, 100)
+    result = tcav(model, model.layer, inputs, lambda y: y, samples, randoms)
+    _, gradients = layer_gradient(model, model.layer, inputs, lambda y: y)
+    gradients = gradients.flatten(1)
+    expected = [tcav_score(gradients, concept_activation_vector(layer_activations(model, model.layer, s),
+                                                                layer_activations(model, model.layer, r)))
+                for s, r in zip(samples, randoms)]
+    assert result.scores == pytest.approx(expected) and len(set(expected)) > 1
+    reused = tcav(model, model.layer, inputs, lambda y: y, samples[0], randoms)
+    assert reused.scores[0] == pytest.approx(expected[0]) and reused.scores[1:] != pytest.approx(expected[1:])
+    with pytest.raises(ValueError, match="one sample per random set"):
+        tcav_concepts(model, model.layer, inputs, lambda y: y, {"red": samples[:3]}, randoms)

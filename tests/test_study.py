@@ -2,10 +2,12 @@
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from course_utils import study
@@ -178,3 +180,15 @@ def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full
     committed = {path.name for path in study.committed_results_dir().glob("*.json")}
     assert committed == expected, ("data/study is stale (an encoder, the settings or the version changed): "
                                    "rerun `python -m course_utils.study --commit` and delete the old files")
+
+
+def test_the_readme_table_of_the_study_is_generated_from_the_committed_measurements():
+    """The README quotes the study's numbers: they must be those of data/study (regenerate the table with
+    `python -m course_utils.study --markdown` after `--commit`)."""
+    files = [study.committed_results_dir() / study.result_file(spec, "cpu", study.FULL) for spec in study.GRIDS["cpu"]]
+    if not all(f.is_file() for f in files):
+        pytest.fail("data/study is stale: see the test of the committed study results")
+    result = study.run_study("cpu", study.FULL, torch.device("cpu"), progress=False)
+    table = study.markdown_table(result)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme, "README's study table differs from data/study:\n" + table

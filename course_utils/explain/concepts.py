@@ -112,16 +112,22 @@ class TCAVResult:
     significant: bool  # "the model uses the concept": p_value survives Benjamini–Hochberg at q = alpha
 
 
-def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target, concept: torch.Tensor,
-         random_sets: Sequence[torch.Tensor], alpha: float = 0.05, batch_size: int = 256) -> TCAVResult:
+def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target,
+         concept: torch.Tensor | Sequence[torch.Tensor], random_sets: Sequence[torch.Tensor], alpha: float = 0.05,
+         batch_size: int = 256) -> TCAVResult:
     """TCAV with its significance test.
 
     Args:
         model, layer: the network and the layer whose activations the CAVs live in.
         inputs: images [N, 3, H, W] whose target is explained (e.g. test images of one class).
         target: model output -> score [N] (e.g. ``lambda out: head(out)[:, c]``).
-        concept: concept example images [n_c, 3, H, W]; random_sets: random image sets, at least 3
-            (the evaluation protocol, SCIENCE.md §10, uses at least 20).
+        concept: concept example images: one sample [n_c, 3, H, W], reused against every random set, or one
+            sample per random set (a sequence of [n_c, 3, H, W], as long as ``random_sets``; CAV i is sample i
+            against random set i). Only the second gives a calibrated test: with one reused sample the
+            concept's CAVs share that sample's quirks and the test calls random concepts "used" too often
+            (notebook 07, §2).
+        random_sets: random image sets [n_r, 3, H, W], at least 3 (the evaluation protocol, SCIENCE.md §10,
+            uses at least 20).
         alpha: significance level of the one-sided test (concept CAVs above random-vs-random CAVs).
     """
     return tcav_concepts(model, layer, inputs, target, {"concept": concept}, random_sets, alpha, batch_size)["concept"]
@@ -140,26 +146,40 @@ def tcav_p_value(scores: Sequence[float], random_scores: Sequence[float]) -> flo
 
 
 def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Target,
-                  concepts: Mapping[str, torch.Tensor], random_sets: Sequence[torch.Tensor], alpha: float = 0.05,
-                  batch_size: int = 256) -> dict[str, TCAVResult]:
+                  concepts: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], random_sets: Sequence[torch.Tensor],
+                  alpha: float = 0.05, batch_size: int = 256) -> dict[str, TCAVResult]:
     """``tcav`` for several concepts at once: the gradients, the random activations and the null
     distribution (random-vs-random CAVs) are computed once and shared; ``{name: TCAVResult}``.
 
-    A concept is ``significant`` ("used") when its scores lie significantly *above* the random CAVs' after a
-    Benjamini–Hochberg correction at q = ``alpha`` across the concepts tested in this call.
+    Each concept is one sample [n_c, 3, H, W] reused against every random set, or one sample per random
+    set (see ``tcav``: only that design is calibrated). A concept is ``significant`` ("used") when its
+    scores lie significantly *above* the random CAVs' after a Benjamini–Hochberg correction at
+    q = ``alpha`` across the concepts tested in this call.
     """
     from course_utils.stats import benjamini_hochberg
 
     if len(random_sets) < 3:
         raise ValueError(f"the significance test needs at least 3 random sets, got {len(random_sets)}")
+    samples = {}
+    for name, concept in concepts.items():
+        if isinstance(concept, torch.Tensor):
+            samples[name] = [concept] * len(random_sets)
+        elif len(concept) != len(random_sets):
+            raise ValueError(f"concept {name!r} has {len(concept)} samples for {len(random_sets)} random sets: give "
+                             "one sample per random set (or a single tensor, reused against every set)")
+        else:
+            samples[name] = list(concept)
     _, gradients = _capture(model, layer, inputs, target, batch_size)
     random_acts = [layer_activations(model, layer, r, batch_size) for r in random_sets]
     random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)]))
                      for i in range(len(random_acts))]
     measured = {}
-    for name, concept in concepts.items():
-        concept_acts = layer_activations(model, layer, concept, batch_size)
-        scores = [tcav_score(gradients, concept_activation_vector(concept_acts, r)) for r in random_acts]
+    for name, per_set in samples.items():
+        if per_set[0] is per_set[-1]:  # one reused sample: its activations once
+            concept_acts = [layer_activations(model, layer, per_set[0], batch_size)] * len(per_set)
+        else:
+            concept_acts = [layer_activations(model, layer, sample, batch_size) for sample in per_set]
+        scores = [tcav_score(gradients, concept_activation_vector(c, r)) for c, r in zip(concept_acts, random_acts)]
         measured[name] = (scores, tcav_p_value(scores, random_scores))
     used = benjamini_hochberg([p for _, p in measured.values()], q=alpha)
     return {name: TCAVResult(float(np.mean(scores)), scores, random_scores, p, bool(significant))
