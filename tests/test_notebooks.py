@@ -75,30 +75,13 @@ def test_notebook_follows_the_template(notebook):
 # Claims are code (course_utils.report): the committed readings hold, and Markdown quotes no measurement
 # --------------------------------------------------------------------------
 
-# Notebooks whose findings are not yet stated as claims (issue 17 is converting them one by one). Each is
-# listed with the reason; the claim tests are expected to fail for them (strict: remove the entry once
-# the notebook passes).
-NOT_YET_CONVERTED: dict[str, tuple[str, set[str]]] = {
-    "06_explaining_pairs": ("its conversion (temperature chosen on val, paired intervals over pairs) is written but "
-                            "its full run still stops at claims written from the old numbers",
-                            {"claims", "answer", "markdown"}),
-    "08_tradeoff": ("committed from a quick run: the study's full-settings measurements of the new grid (three "
-                    "seeds, 20 TCAV random sets) are not all made yet, so its claims are unchecked", {"claims"}),
-}
-
-
-def _converted(notebooks: list[Path], check: str) -> list:
-    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_CONVERTED[p.stem][0]))
-            if check in NOT_YET_CONVERTED.get(p.stem, ("", set()))[1] else p for p in notebooks]
-
-
 def claims_of(cells: list[dict]) -> list[dict]:
     """The ``course_claim`` records of a notebook's outputs, in order."""
     return [o["metadata"]["course_claim"] for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])
             if "course_claim" in o.get("metadata", {})]
 
 
-@pytest.mark.parametrize("notebook", _converted(NOTEBOOKS, "claims"), ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_notebook_draws_its_findings_as_claims_that_hold_at_full_settings(notebook):
     claims = claims_of(json.loads(notebook.read_text())["cells"])
     assert claims, "every notebook states its findings with report.claim"
@@ -108,7 +91,7 @@ def test_committed_notebook_draws_its_findings_as_claims_that_hold_at_full_setti
     assert not false, f"committed claims that do not hold: {false}"
 
 
-@pytest.mark.parametrize("notebook", _converted(NOTEBOOKS, "answer"), ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_answers_its_question_before_the_recap(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     headings = [line.lstrip("#").strip().lower() for c in cells if c["cell_type"] == "markdown"
@@ -150,7 +133,7 @@ def measured_numbers_in_markdown(cells: list[dict]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("notebook", _converted(NOTEBOOKS, "markdown"), ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_markdown_cells_quote_no_measured_numbers(notebook):
     """Measured results come from claims (or printed outputs), so a re-run cannot leave a stale number."""
     found = measured_numbers_in_markdown(json.loads(notebook.read_text())["cells"])
