@@ -125,7 +125,7 @@ def tcav(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Targe
             sample per random set (a sequence of [n_c, 3, H, W], as long as ``random_sets``; CAV i is sample i
             against random set i). Only the second gives a calibrated test: with one reused sample the
             concept's CAVs share that sample's quirks and the test calls random concepts "used" too often
-            (notebook 07, §2).
+            (notebook 07, §3).
         random_sets: random image sets [n_r, 3, H, W], at least 3 (the evaluation protocol, SCIENCE.md §10,
             uses at least 20).
         alpha: significance level of the one-sided test (concept CAVs above random-vs-random CAVs).
