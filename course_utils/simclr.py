@@ -158,6 +158,8 @@ def train_simclr(
             history); with ``resume=True`` training continues from it when it exists.
         knn_data: optional (train, test) data sets for a k-NN accuracy after each epoch.
         callback: called as ``callback(epoch, history)`` after each epoch (live plots).
+        channels_last: train in the channels_last memory format (faster convolutions); ignored by CPU
+            processes under torchrun, where DDP over gloo crashes with channels_last parameters.
         metadata: plain values stored with the checkpoint (e.g. the command that trained it).
         penalty: optional regulariser added to the loss, ``penalty(h)`` of the representations of both
             views float32 [2B, r] (e.g. the Q-Score penalty of notebook 04); the history's loss includes it.
@@ -172,6 +174,10 @@ def train_simclr(
         torch.cuda.set_device(device)
     images = images.to(device)
     augment = augment or SimCLRAugment(images.shape[-1])
+    if _distributed() and device.type == "cpu":
+        # DistributedDataParallel over gloo crashes in backward (double free) when the parameters are
+        # channels_last (torch 2.14.1, measured); the CPU replicas therefore stay contiguous.
+        channels_last = False
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device).to(memory_format=memory_format)
     net: nn.Module = model
