@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from course_utils.data.augment import SimCLRAugment
 from course_utils.models import SimCLRModel, atomic_write, build_model, save_checkpoint
-from course_utils.runtime import autocast, get_device
+from course_utils.runtime import autocast, eval_mode, get_device
 
 
 def _distributed() -> bool:
@@ -289,16 +289,13 @@ def _forward_batches(model: nn.Module, images: torch.Tensor, batch_size: int, de
                      progress: str | None = None) -> torch.Tensor:
     """``model`` in eval mode (restored afterwards) over uint8 images [N, 3, H, W] in batches, under
     autocast: float32 outputs [N, ...] on the CPU.  ``progress`` names a tqdm bar (None: no bar)."""
-    was_training = model.training
-    model.eval().to(device)
     outputs = []
-    with torch.no_grad():
+    with eval_mode(model.to(device)), torch.no_grad():
         for start in tqdm(range(0, images.shape[0], batch_size), desc=progress, disable=progress is None,
                           leave=False):
             x = images[start:start + batch_size].to(device).float().div_(255)
             with autocast(device):
                 outputs.append(model(x).float().cpu())
-    model.train(was_training)
     return torch.cat(outputs)
 
 
