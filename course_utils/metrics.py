@@ -19,6 +19,7 @@ Saliency maps are float [B, H, W] (higher = more important); masks are bool [B, 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -119,9 +120,34 @@ def centre_prior(batch: int, size: int, sigma: float = 0.25) -> torch.Tensor:
     return bump.expand(batch, size, size).clone()
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
-    """Separable Gaussian blur with replicated borders: [B, C, H, W] -> same shape."""
-    radius = max(1, int(3 * sigma))
+REFERENCE_BLUR_SIGMA = 5.0  # px at 224 px: explain-cl's insertion baseline (11 x 11 kernel, sigma 5)
+REFERENCE_SIZE = 224
+
+
+def scaled_blur_sigma(size: int, sigma_at_224: float = REFERENCE_BLUR_SIGMA) -> float:
+    """A blur's sigma scaled to the image side: ``sigma_at_224 · size / 224`` px.
+
+    The references blur 224-px images with sigma 5 px (explain-cl's insertion baseline and its "blur"
+    transform).  The same sigma on a 32-px image blurs seven times as much of the image (relative to its
+    side) as the references do.  Scaled, it is 5 · 32 / 224 ≈ 0.71 px at 32 px."""
+    if size < 1 or sigma_at_224 <= 0:
+        raise ValueError(f"need an image side >= 1 and a sigma > 0, got {size} and {sigma_at_224}")
+    return sigma_at_224 * size / REFERENCE_SIZE
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with replicated borders: [B, C, H, W] -> same shape.
+
+    Args:
+        sigma: in pixels; None: the references' 5 px at 224 px scaled to the image's shorter side
+            (``scaled_blur_sigma``), 0.71 px at 32 px.  The kernel reaches ceil(3 sigma) px to each side (the
+            references truncate theirs at 11 x 11, i.e. at 1 sigma; a full Gaussian is the course's choice).
+    """
+    if sigma is None:
+        sigma = scaled_blur_sigma(min(images.shape[-2:]))
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0 pixels, got {sigma}")
+    radius = max(1, math.ceil(3 * sigma))
     taps = torch.exp(-torch.arange(-radius, radius + 1).float() ** 2 / (2 * sigma**2))
     taps = (taps / taps.sum()).to(images)
     channels = images.shape[1]
@@ -130,11 +156,21 @@ def gaussian_blur(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
     return F.conv2d(out, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
-def baseline_images(images: torch.Tensor, baseline: str | float) -> torch.Tensor:
-    """What removed pixels are replaced with: ``"blur"`` (Gaussian blur, sigma 5 px), ``"mean"`` (each
-    image's mean colour) or a number (e.g. 0, black); images [B, 3, H, W] -> same shape."""
+RELAX_BLUR_SIGMA = 5.0  # px, whatever the image size: the "blur" fill whose RELAX settings notebook 03 chose on val
+
+
+def baseline_images(images: torch.Tensor, baseline: str | float, blur_sigma: float | None = RELAX_BLUR_SIGMA
+                    ) -> torch.Tensor:
+    """What removed pixels are replaced with: ``"blur"`` (Gaussian blur of ``blur_sigma`` px), ``"mean"``
+    (each image's mean colour) or a number (e.g. 0, black); images [B, 3, H, W] -> same shape.
+
+    ``blur_sigma``: None scales the references' 5 px at 224 px to the image (``scaled_blur_sigma``, 0.71 px
+    at 32 px), which the perturbation metrics below use by default.  The default 5 px, fixed in pixels, is
+    RELAX's "blur" fill (``relax_batch(fill="blur")`` calls this function): a course choice made on val in
+    notebook 03, not a reference setting; at 32 px it is close to a local mean colour.
+    """
     if baseline == "blur":
-        return gaussian_blur(images)
+        return gaussian_blur(images, blur_sigma)
     if baseline == "mean":
         return images.mean((2, 3), keepdim=True).expand_as(images)
     if isinstance(baseline, (int, float)):
@@ -188,7 +224,7 @@ def _auc(curve: torch.Tensor) -> torch.Tensor:
 
 def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
                  baseline: str | float = 0.0, batch_size: int = 512,
-                 target: torch.Tensor | None = None) -> torch.Tensor:
+                 target: torch.Tensor | None = None, blur_sigma: float | None = None) -> torch.Tensor:
     """Area under the score while the most salient pixels are deleted first (lower = better map).
 
     Args:
@@ -198,19 +234,22 @@ def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor
         steps: the curve has steps + 1 points, from 0 to all pixels deleted; every point of every
             image is scored in batches of ``batch_size``.
         baseline: what a deleted pixel becomes: a number (0 = black, RISE), "mean" or "blur".
+        blur_sigma: the blur's sigma in px; None (default): the references' 5 px at 224 px scaled to the
+            image (``scaled_blur_sigma``: 0.71 px at 32 px).
     Returns:
         float [B], in the units of ``score_fn``.
     """
     return _auc(_perturbation_curve(score_fn, images, saliency, steps, images,
-                                    baseline_images(images, baseline), batch_size, target))
+                                    baseline_images(images, baseline, blur_sigma), batch_size, target))
 
 
 def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
                   baseline: str | float = "blur", batch_size: int = 512,
-                  target: torch.Tensor | None = None) -> torch.Tensor:
+                  target: torch.Tensor | None = None, blur_sigma: float | None = None) -> torch.Tensor:
     """Area under the score while the most salient pixels are inserted first into a blurred copy
-    (higher = better map); arguments as ``deletion_auc``."""
-    return _auc(_perturbation_curve(score_fn, images, saliency, steps, baseline_images(images, baseline),
+    (higher = better map); arguments as ``deletion_auc``.  The blur's sigma scales with the image (5 px at
+    224 px as in the references, 0.71 px at 32 px) unless ``blur_sigma`` fixes it in pixels."""
+    return _auc(_perturbation_curve(score_fn, images, saliency, steps, baseline_images(images, baseline, blur_sigma),
                                     images, batch_size, target))
 
 
@@ -259,13 +298,13 @@ def _pair_scores(similarity_fn: PairScoreFn, a: torch.Tensor, b: torch.Tensor, b
 
 def _pair_curve(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
                 map2: torch.Tensor, mode: str, steps: int, deletion: bool, baseline: str | float,
-                batch_size: int) -> torch.Tensor:
+                batch_size: int, blur_sigma: float | None = None) -> torch.Tensor:
     _check_pair_maps(x1, x2, map1, map2, mode)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
     def curve_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-        other = baseline_images(images, baseline)
+        other = baseline_images(images, baseline, blur_sigma)
         start, end = (images, other) if deletion else (other, images)
         return _switched(saliency, steps, start, end).flatten(0, 1)
 
@@ -276,7 +315,7 @@ def _pair_curve(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, 
 
 def pair_deletion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
                       map2: torch.Tensor, mode: str = "simultaneous", steps: int = 16, baseline: str | float = 0.0,
-                      batch_size: int = 512) -> torch.Tensor:
+                      batch_size: int = 512, blur_sigma: float | None = None) -> torch.Tensor:
     """Deletion AUC for pairs (Sammani et al.): the area under the pair similarity while the most salient
     pixels are deleted first (lower = better maps).
 
@@ -288,18 +327,22 @@ def pair_deletion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Te
         baseline: 0 (black) as in the reference code.  Beware: in simultaneous mode both images end up
             black, hence identical, and the curve climbs back to s = 1; the conditional mode has no such end
             point.
+        blur_sigma: for ``baseline="blur"``: sigma in px; None (default): the reference code's 5 px at 224 px
+            scaled to the image (``scaled_blur_sigma``: 0.71 px at 32 px).
     Returns:
         float [B].
     """
-    return _auc(_pair_curve(similarity_fn, x1, x2, map1, map2, mode, steps, True, baseline, batch_size))
+    return _auc(_pair_curve(similarity_fn, x1, x2, map1, map2, mode, steps, True, baseline, batch_size, blur_sigma))
 
 
 def pair_insertion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
                        map2: torch.Tensor, mode: str = "simultaneous", steps: int = 16, baseline: str | float = "blur",
-                       batch_size: int = 512) -> torch.Tensor:
+                       batch_size: int = 512, blur_sigma: float | None = None) -> torch.Tensor:
     """Insertion AUC for pairs: the most salient pixels are inserted first into blurred copies (higher =
-    better maps); arguments as ``pair_deletion_auc``."""
-    return _auc(_pair_curve(similarity_fn, x1, x2, map1, map2, mode, steps, False, baseline, batch_size))
+    better maps); arguments as ``pair_deletion_auc``.  The reference code blurs 224-px images with sigma
+    5 px; by default the sigma is scaled to the image (0.71 px at 32 px); ``blur_sigma=5.0`` blurs a 32-px
+    image seven times as strongly (notebook 06 compares the two)."""
+    return _auc(_pair_curve(similarity_fn, x1, x2, map1, map2, mode, steps, False, baseline, batch_size, blur_sigma))
 
 
 def pair_average_drop_increase(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from course_utils.metrics import (
-    average_drop_increase, centre_prior, deletion_auc, insertion_auc, mask_iou, model_randomisation,
-    pointing_game, random_map, saliency_scores,
+    average_drop_increase, baseline_images, centre_prior, deletion_auc, gaussian_blur, insertion_auc, mask_iou,
+    model_randomisation, pointing_game, random_map, saliency_scores, scaled_blur_sigma,
 )
 
 
@@ -68,6 +68,47 @@ def test_deletion_and_insertion_auc_match_hand_computed_curves():
     assert deletion_auc(score, images, bad, steps=16).item() == pytest.approx(0.875)
     assert insertion_auc(score, images, good, steps=16, baseline=0.0).item() == pytest.approx(0.875)
     assert insertion_auc(score, images, bad, steps=16, baseline=0.0).item() == pytest.approx(0.125)
+
+
+def _impulse_response_variance(size: int, sigma: float | None = None) -> float:
+    """Spatial variance (px²) along the rows of the default blur of a centred single-pixel impulse: a Gaussian
+    of standard deviation sigma has variance sigma², whatever its implementation."""
+    impulse = torch.zeros(1, 1, size, size, dtype=torch.float64)
+    impulse[0, 0, size // 2, size // 2] = 1.0
+    response = gaussian_blur(impulse, sigma)[0, 0].sum(1)  # the row profile, mass 1
+    offsets = torch.arange(size, dtype=torch.float64) - size // 2
+    return float((response * offsets**2).sum() / response.sum())
+
+
+def test_blur_sigma_scales_with_the_image_side_from_5_px_at_224_px():
+    # references: sigma 5 px at 224 px; at 32 px that is 5 * 32 / 224 = 0.714 px
+    assert scaled_blur_sigma(224) == pytest.approx(5.0) and scaled_blur_sigma(32) == pytest.approx(5 / 7)
+    # the default blur's impulse response has the scaled variance at both sizes (a full Gaussian: within 3 %)
+    assert _impulse_response_variance(224) == pytest.approx(25.0, rel=0.03)
+    assert _impulse_response_variance(32) == pytest.approx((5 / 7) ** 2, rel=0.03)
+    assert _impulse_response_variance(32, 2.0) == pytest.approx(4.0, rel=0.03)  # an explicit sigma is kept
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_blur(torch.zeros(1, 1, 8, 8), 0.0)
+
+
+def test_insertion_starts_from_a_blur_scaled_to_the_image_unless_told_otherwise():
+    # a one-step curve scores [baseline, image]: record what the score function sees
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, 32, 32, generator=g)
+    saliency = torch.rand(1, 32, 32, generator=g)
+
+    def curve_images(metric, **options):
+        seen = []
+        metric(lambda x: seen.append(x.clone()) or torch.zeros(len(x)), images, saliency, steps=1, **options)
+        return torch.cat(seen)  # [2, 3, 32, 32]: step 0 and step 1
+
+    scaled, fixed = gaussian_blur(images, 5 * 32 / 224), gaussian_blur(images, 5.0)
+    assert (scaled - fixed).abs().max() > 0.1  # the two baselines differ
+    assert torch.allclose(curve_images(insertion_auc)[0], scaled[0])
+    assert torch.allclose(curve_images(insertion_auc, blur_sigma=5.0)[0], fixed[0])
+    assert torch.allclose(curve_images(deletion_auc, baseline="blur")[1], scaled[0])  # deletion ends there
+    # RELAX's "blur" fill keeps its 5 px (notebook 03 chose it on val)
+    assert torch.allclose(baseline_images(images, "blur"), fixed)
 
 
 def test_per_class_scores_follow_each_images_target_across_batch_boundaries():

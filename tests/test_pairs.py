@@ -7,10 +7,11 @@ from torch import nn
 
 from course_utils.explain.pairs import (
     TRANSFORMS, averaged_transforms, conditional_occlusion, context_agnostic_occlusion, feature_visualisation,
-    interaction_cam, invert, pairwise_occlusion, patch_masks, pixel_invariance, projection, random_erasing_masks,
+    interaction_cam, invariance_map, invert, pairwise_occlusion, patch_masks, pixel_invariance, projection,
+    random_erasing_masks,
 )
 from course_utils.metrics import (
-    max_sensitivity, pair_average_drop_increase, pair_deletion_auc, pair_insertion_auc,
+    gaussian_blur, max_sensitivity, pair_average_drop_increase, pair_deletion_auc, pair_insertion_auc,
 )
 
 SIZE = 16
@@ -178,6 +179,72 @@ def test_pixel_invariance_weights_concentrate_where_the_model_looks(pair):
     assert saliency.shape == (SIZE, SIZE) and saliency.max() == pytest.approx(1.0)
     top = saliency.flatten().topk(SIZE * SIZE // 8).indices
     assert quadrant_mask().flatten()[top].mean() > 0.8  # measured 0.94; chance 0.25
+
+
+def test_invariance_map_takes_the_signed_channel_maximum_as_the_reference_code():
+    # pixel (0, 0): channels (−3, 1, 0) — signed max 1, |w| max 3; pixel (0, 1): (2, 2, −1); pixel (1, 0): all
+    # negative (−1, −2, −0.5); pixel (1, 1): zeros.  Worked by hand, independently of the module:
+    weights = torch.tensor([[[-3.0, 2.0], [-1.0, 0.0]],
+                            [[1.0, 2.0], [-2.0, 0.0]],
+                            [[0.0, -1.0], [-0.5, 0.0]]])
+    signed_max = torch.tensor([[1.0, 2.0], [-0.5, 0.0]])  # max over channels, sign kept
+    expected = (signed_max + 0.5) / 2.5  # (m − min) / (max − min)
+    assert torch.allclose(invariance_map(weights), expected)
+    assert torch.allclose(invariance_map(weights, "abs"), torch.tensor([[3.0, 2.0], [2.0, 0.0]]) / 3)
+    # where the two differ: |w| ranks pixel (0, 0) first, the signed maximum ranks pixel (0, 1) first
+    assert invariance_map(weights).argmax() == 1 and invariance_map(weights, "abs").argmax() == 0
+    with pytest.raises(ValueError, match="channels"):
+        invariance_map(weights, "max")
+
+
+def test_pixel_invariance_ranks_pixels_that_lower_the_similarity_last_by_default():
+    # A black image and a model whose embedding grows with the brightness of a 4x4 corner: every view brightens
+    # that corner by a random amount and is *less* similar to the image, so the surrogate's weights there are
+    # negative; the other pixels stay 0 in every view, so their weights stay 0.  The signed maximum ranks the
+    # corner last, |w| ranks it first.
+    x = torch.zeros(3, SIZE, SIZE)
+    corner = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    corner[:4, :4] = True
+
+    def embed(images):
+        return torch.stack([torch.ones(len(images)), 4 * images[:, :, corner].mean((1, 2))], 1)
+
+    g = torch.Generator().manual_seed(0)
+
+    def brighten(images):
+        return images + corner * torch.rand(len(images), 1, 1, 1, generator=g)
+
+    signed = pixel_invariance(embed, x, brighten, n_augments=500, epochs=200)
+    absolute = pixel_invariance(embed, x, brighten, n_augments=500, epochs=200, channels="abs")
+    assert signed[corner].max() < 0.05 and signed[~corner].min() > 0.95  # measured 0 and 1
+    assert absolute[corner].min() > 0.95 and absolute[~corner].max() < 0.05
+
+
+def test_blur_transform_scales_the_reference_sigma_to_the_image():
+    # explain-cl blends in a Gaussian blur of sigma 5 px at 224 px; at 16 px that is 5 * 16 / 224 px
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(TRANSFORMS["blur"](x), gaussian_blur(x, 5 * SIZE / 224))
+    assert not torch.allclose(TRANSFORMS["blur"](x), gaussian_blur(x, 1.0), atol=1e-3)
+
+
+def test_pair_insertion_starts_from_a_blur_scaled_to_the_image():
+    # the curve's first point scores the baseline images themselves: record what the similarity sees
+    seen = []
+
+    def record(a, b):
+        seen.append((a.clone(), b.clone()))
+        return torch.zeros(len(a))
+
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.rand(2, 1, 3, 32, 32, generator=g)
+    maps = torch.rand(1, 32, 32, generator=g)
+    pair_insertion_auc(record, x1, x2, maps, maps, steps=2)
+    first_a, first_b = seen[0][0][0], seen[0][1][0]  # step 0 of pair 0: nothing inserted yet
+    sigma = 5 * 32 / 224
+    assert torch.allclose(first_a, gaussian_blur(x1, sigma)[0]) and torch.allclose(first_b, gaussian_blur(x2, sigma)[0])
+    seen.clear()
+    pair_insertion_auc(record, x1, x2, maps, maps, steps=2, blur_sigma=5.0)  # fixed in pixels on request
+    assert torch.allclose(seen[0][0][0], gaussian_blur(x1, 5.0)[0])
 
 
 def test_feature_visualisation_raises_the_similarity_and_stays_an_image(pair):

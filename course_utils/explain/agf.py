@@ -49,10 +49,10 @@ Where the course departs from the code:
    attribution rule, Eq. 9 (G with |x| and |θ|), applied to the Add (a linear layer with weights
    1, 1) is the absolute split |a| · Φ / (|a| + |b|), the course's default.  Both keep Σ Φ.  On
    ShapesWorld (simclr-shapes-r10, 200 test images, ``ssl_target``) the pointing game is 0.79 with the
-   absolute split and 0.20 with the signed one (random map 0.085, centre prior 0.26).  With
-   ``add_rule="signed"`` the maps equal the authors' code up to 5e-8 relative (float64, same
-   ``safe_div``; checked once outside the test suite); with the code's own safe_divide, which shifts
-   every denominator by 1e-9, they differ by up to 9 % — that is how ill-conditioned the signed split is.
+   absolute split and 0.20 with the signed one (random map 0.085, centre prior 0.26).
+   ``add_rule="signed"`` is the code's Add rule, not a replica of the code: the tests check every rule
+   of this module against explicit loops and the totals by conservation, but no test compares whole
+   maps with the authors' implementation (item 4 lists where the gradient stream differs from it).
 
 Where the course simplifies:
 
@@ -61,14 +61,30 @@ Where the course simplifies:
    code's mask 1[Φ_out ≠ 0];
 5. the representation h (after GAP) is the output layer: there is no fc layer and no linear-layer
    residual (supplementary Eq. 1); Eq. 8's softmax-gaussian transform is applied only by
-   ``class_target`` — a target that is not a class score seeds ``Φ^(1) = h ⊙ ∂y/∂h`` directly;
+   ``class_target`` — a target that is not a class score seeds ``Φ^(1) = h ⊙ ∂y/∂h`` directly, or
+   ``target.relevance_seed(h, ∂y/∂h)`` where the target defines one (``ssl_target(evidence="unique")``);
 6. SSL (Alg. 2): the paper's SSL models have a classification head of the SSL task (clusters,
-   pseudo-labels, rotations); it subtracts the nearest neighbour's latent, S_I = L_I − L_N, and
-   explains the head's top class of S_I.  SimCLR has no such head, so ``ssl_target`` keeps Alg. 2's
-   ingredients — the nearest neighbours in the representation space of a reference bank (the image
-   itself excluded) and the subtraction of a shared component — and replaces "the class" by the
-   similarity to the neighbours, a linear score like a class logit whose weight vector is the
-   neighbours' centred mean:
+   pseudo-labels, rotations); it subtracts the nearest neighbour's latent, S_I = L_I − L_N, "to
+   emphasize the unique elements of L_I", and explains the head's top class of S_I, propagating
+   through the image's own network (input tuple [φ_τ(S_I), φ_F(I)]).  SimCLR has no such head, so
+   ``ssl_target`` keeps Alg. 2's ingredients — the nearest neighbours in the representation space of a
+   reference bank (the image itself excluded) and the subtraction of a shared component — and offers
+   two questions (``evidence=``):
+
+   ``evidence="unique"`` (Alg. 2): what sets the image apart from its nearest neighbours.  With
+   S_I = h − h̄_N (h̄_N = mean of the k nearest bank entries; k = 1 is the paper's single neighbour)
+   and the "class" direction u = S_I / ||S_I|| (SimCLR has no head whose top class could pick one),
+
+       y(h) = ⟨h − h̄_N, u⟩ = ||S_I||,      Φ^(1) = S_I ⊙ u = S_I² / ||S_I||  (≥ 0, Σ Φ^(1) = y),
+
+   the relevance I's own latent gets minus the relevance its neighbours' latent would get along u;
+   it equals the paper's |x||w| rule (Eq. 9) through a linear head u applied to S_I.  It is then
+   propagated through the image's own activations (features the neighbours have and the image lacks
+   have no activation to land on: their share of Σ Φ is dropped at the pooling layer).
+
+   ``evidence="shared"`` (default, the complementary question): what the image shares with its
+   neighbours beyond what every image shares — a linear score like a class logit whose weight vector
+   is the neighbours' centred mean, seeded Φ^(1) = h ⊙ ∂y/∂h:
 
        y(h) = ⟨h − μ, u⟩,  u = (h̄_N − μ) / ||h̄_N − μ||,  h̄_N = mean of the k nearest bank entries (L2),
        μ = mean of the bank.
@@ -260,12 +276,14 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
         x: images float [B, 3, H, W] in [0, 1].
         target: ``target(h) -> [B]``, one score per image of the representation h [B, r] that
             depends on that image only (``class_target``, ``ssl_target`` or e.g. ``lambda h: h[:, 3]``).
+            A target with a method ``relevance_seed(h, grad) -> [B, r]`` chooses Φ^(1) itself (default
+            ``h ⊙ grad``, with grad = ∂y/∂h).
         guided: False uses the flat C rule at every convolution (the paper's "C only" ablation,
             |x||w|-LRP seeded by the target).
         add_rule: how the residual add splits Φ: "absolute" (|a| : |b|, Eq. 9) or "signed" (a : b,
             the authors' code; see the module docstring).
     Returns:
-        (Φ at the normalised image [B, 3, H, W], Φ^(1) = h ⊙ ∂y/∂h [B, r]) on the encoder's device, in
+        (Φ at the normalised image [B, 3, H, W], Φ^(1) [B, r]) on the encoder's device, in
         its dtype.  The totals per image agree up to what the zero denominators drop: an output unit
         whose receptive field is all zero (conv(|x|, |W|) = 0) passes no relevance back, although the
         BatchNorm bias after it made it non-zero and the residual add gave it relevance.
@@ -307,7 +325,10 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
         if grads[0] is None:
             raise ValueError("the target does not depend on the representation h")
         with torch.no_grad():
-            phi_h = h.detach() * grads[0]  # Φ^(1) [B, r]
+            seed = getattr(target, "relevance_seed", None)
+            phi_h = seed(h.detach(), grads[0]) if callable(seed) else h.detach() * grads[0]  # Φ^(1) [B, r]
+            if phi_h.shape != h.shape:
+                raise ValueError(f"relevance_seed must return [B, r] = {tuple(h.shape)}, got {tuple(phi_h.shape)}")
             phi = gap_split(phi_h, feature_map)
             for trace, grad in zip(reversed(traces), reversed(grads[1:])):
                 block = trace.block
@@ -376,22 +397,32 @@ class class_target:  # noqa: N801 - lower-case like the Grad-CAM targets
         return torch.softmax(y_t * torch.exp(-0.5 * ((logits - y_t) / sigma) ** 2), 1).gather(1, index)[:, 0]
 
 
+SSL_EVIDENCE = ("shared", "unique")
+
+
 class ssl_target:  # noqa: N801
-    """Label-free target (the course's reading of Alg. 2): ``y(h) = ⟨h − μ, u⟩`` with
-    ``u = (h̄_N − μ) / ||h̄_N − μ||``.
+    """Label-free target from a bank's nearest neighbours (the course's reading of Alg. 2).
+
+    ``evidence="shared"`` (default): ``y(h) = ⟨h − μ, u⟩`` with ``u = (h̄_N − μ) / ||h̄_N − μ||`` — what the
+    image shares with its neighbours beyond the bank mean μ; Φ^(1) = h ⊙ ∂y/∂h.
+
+    ``evidence="unique"`` (Alg. 2, S_I = L_I − L_N): ``y(h) = ⟨h − h̄_N, u⟩`` with ``u = (h − h̄_N) / ||h − h̄_N||``
+    (= ||h − h̄_N||) — what sets the image apart from its neighbours; Φ^(1) = (h − h̄_N) ⊙ u, the relevance of
+    the image's latent minus the relevance of its neighbours' latent (``relevance_seed``).
 
     h̄_N is the mean of the image's k nearest neighbours (L2) in a reference bank of representations
-    and μ the bank's mean; both are constants for the gradient.  Bank entries within
+    and μ the bank's mean; h̄_N, μ and u are constants for the gradient.  Bank entries within
     ``self_tolerance · ||h||`` of h count as the image itself and are skipped.
 
     Args:
         bank: representations [M, r] of reference images, e.g. ``extract_features(encoder, train_set)[0]``.
-        k: neighbours averaged.
+        k: neighbours averaged (the paper's Alg. 2 uses the single nearest, k = 1).
         self_tolerance: relative distance below which a bank entry is the image itself (a bank computed
             under bf16 autocast is not bit-identical to the fp32 forward pass).
+        evidence: "shared" or "unique" (above; module docstring, item 6).
     """
 
-    def __init__(self, bank: torch.Tensor, k: int = 5, self_tolerance: float = 1e-2) -> None:
+    def __init__(self, bank: torch.Tensor, k: int = 5, self_tolerance: float = 1e-2, evidence: str = "shared") -> None:
         if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or not bank.is_floating_point():
             raise ValueError(f"bank must be float representations [M, r], got "
                              f"{tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__}")
@@ -401,7 +432,9 @@ class ssl_target:  # noqa: N801
             raise ValueError(f"k must be an integer in [1, {bank.shape[0] - 1}] for a bank of {bank.shape[0]}, got {k}")
         if self_tolerance < 0:
             raise ValueError(f"self_tolerance must be >= 0, got {self_tolerance}")
-        self.bank, self.k, self.self_tolerance = bank.detach().float(), k, self_tolerance
+        if evidence not in SSL_EVIDENCE:
+            raise ValueError(f"evidence must be one of {SSL_EVIDENCE}, got {evidence!r}")
+        self.bank, self.k, self.self_tolerance, self.evidence = bank.detach().float(), k, self_tolerance, evidence
         self.mean = self.bank.mean(0)
 
     def neighbours(self, h: torch.Tensor) -> torch.Tensor:
@@ -416,10 +449,25 @@ class ssl_target:  # noqa: N801
             raise ValueError(f"the bank has fewer than k={self.k} entries other than the image itself")
         return nearest.indices
 
+    def reference(self, h: torch.Tensor) -> torch.Tensor:
+        """What is subtracted from h [B, r]: μ ("shared") or h̄_N, the neighbours' mean ("unique"); in h's dtype."""
+        if self.evidence == "unique":
+            return self.bank.to(h.device, h.dtype)[self.neighbours(h)].mean(1)
+        return self.mean.to(h.device, h.dtype).expand_as(h)
+
     def direction(self, h: torch.Tensor) -> torch.Tensor:
-        """u = unit(h̄_N − μ) [B, r] for representations h [B, r], in h's dtype."""
+        """u [B, r] for representations h [B, r], in h's dtype: unit(h̄_N − μ) ("shared") or unit(h − h̄_N)
+        ("unique")."""
+        if self.evidence == "unique":
+            return F.normalize(h.detach() - self.reference(h), dim=1)
         bank, mean = self.bank.to(h.device, h.dtype), self.mean.to(h.device, h.dtype)
         return F.normalize(bank[self.neighbours(h)].mean(1) - mean, dim=1)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return ((h - self.mean.to(h.device, h.dtype)) * self.direction(h)).sum(1)
+        return ((h - self.reference(h)) * self.direction(h)).sum(1)
+
+    def relevance_seed(self, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Φ^(1) [B, r] from h and grad = ∂y/∂h (= u): h ⊙ u ("shared"), (h − h̄_N) ⊙ u ("unique")."""
+        if self.evidence == "unique":
+            return (h - self.reference(h)) * grad
+        return h * grad

@@ -253,7 +253,7 @@ def _colour_jitter(images: torch.Tensor) -> torch.Tensor:
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "colour jitter": _colour_jitter,
     "grayscale": _grayscale,
-    "blur": lambda images: gaussian_blur(images, sigma=1.0),
+    "blur": lambda images: gaussian_blur(images),  # sigma 5 px at 224 px (reference), scaled: 0.71 px at 32 px
     "solarize": lambda images: torch.where(images >= 0.5, 1 - images, images),
 }
 
@@ -306,9 +306,28 @@ def averaged_transforms(embed: Embed, x: torch.Tensor, transform: str | Callable
     return first.detach(), second.detach()
 
 
+INVARIANCE_CHANNELS = ("signed", "abs")
+
+
+def invariance_map(weights: torch.Tensor, channels: str = "signed") -> torch.Tensor:
+    """A pixel-invariance surrogate's weights [3, H, W] -> one value per pixel [H, W] in [0, 1].
+
+    "signed" (the reference code): ``m = max_c w_c``, scaled ``(m − min m) / (max m − min m)``;
+    "abs": ``m = max_c |w_c|``, scaled ``m / max m``.  See ``pixel_invariance``."""
+    if channels not in INVARIANCE_CHANNELS:
+        raise ValueError(f"channels must be one of {INVARIANCE_CHANNELS}, got {channels!r}")
+    if weights.ndim != 3:
+        raise ValueError(f"weights must be [C, H, W], got shape {tuple(weights.shape)}")
+    if channels == "abs":
+        magnitude = weights.abs().amax(0)
+        return magnitude / magnitude.max().clamp(min=1e-12)
+    signed = weights.amax(0)
+    return (signed - signed.min()) / (signed.max() - signed.min()).clamp(min=1e-12)
+
+
 def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor],
                      n_augments: int = 1000, epochs: int = 300, lr: float = 0.1, l1: float = 0.2,
-                     batch_size: int = 256) -> torch.Tensor:
+                     batch_size: int = 256, channels: str = "signed") -> torch.Tensor:
     """A linear surrogate of the similarity under augmentations: which pixels' values predict that an
     augmented view stays similar to the image?
 
@@ -320,10 +339,17 @@ def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Ten
         augment: images [N, 3, H, W] -> augmented views of the same shape, without shifts (colour changes,
             erasing), so that pixel positions keep their meaning.
         epochs: SGD steps (reference code: 1000 on 64 px images; 300 converge on 32 px).
+        channels: how the three weights of a pixel become one value.  "signed" (default, the reference
+            code): max_c w_c, then min-max scaled, (m − min m) / (max m − min m) — a pixel whose value
+            *raises* the predicted similarity ranks high, one whose weights are all negative ranks low.
+            "abs": max_c |w_c| / max — large weights of either sign rank high (a pixel whose brightness
+            lowers the similarity counts as much as one that raises it).  ``invariance_map`` does this step.
     Returns:
-        float [H, W]: |w| max over channels, scaled to [0, 1] (the reference code then zeroes values below 0.5
-        and blurs for display; that is left to the plot).
+        float [H, W] in [0, 1] (the reference code then zeroes values below 0.5 and blurs for display; that is
+        left to the plot).
     """
+    if channels not in INVARIANCE_CHANNELS:
+        raise ValueError(f"channels must be one of {INVARIANCE_CHANNELS}, got {channels!r}")
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"need one image [3, H, W], got shape {tuple(x.shape)}")
     views = augment(x[None].expand(n_augments, -1, -1, -1))
@@ -343,8 +369,7 @@ def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Ten
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    magnitude = weight.detach().view_as(x).abs().amax(0)
-    return magnitude / magnitude.max().clamp(min=1e-12)
+    return invariance_map(weight.detach().view_as(x), channels)
 
 
 def _total_variation(images: torch.Tensor) -> torch.Tensor:
