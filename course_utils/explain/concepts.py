@@ -66,8 +66,12 @@ def concept_activation_vector(concept: torch.Tensor, random: torch.Tensor, C: fl
     ones [n_r, D], pointing towards the concept; float [D].
 
     The regression minimises scikit-learn's objective C · Σ log-loss + ½ ||w||² (with an unpenalised bias).
-    By the representer theorem w = Xᵀα, so it is solved for the n coefficients α with the n × n Gram matrix
-    (L-BFGS in float64): fast for tens of thousands of dimensions and a few hundred examples.
+    By the representer theorem w lies in the span of the n examples, so it is solved in an orthonormal basis
+    of that span: with the n × n Gram matrix X Xᵀ = U S² Uᵀ, the examples' coordinates are Z = U S and
+    w = Xᵀ U S⁻¹ β, where β minimises the same objective on Z (L-BFGS in float64): fast for tens of thousands
+    of dimensions and a few hundred examples, and as well conditioned as the problem in w itself. (Solving
+    for α in w = Xᵀα, as before, squares the Gram matrix's condition number: at the default 200 iterations
+    L-BFGS stopped 14 % above the optimum, 19° off scikit-learn's direction; tests/test_crosschecks.py.)
     """
     if concept.ndim != 2 or random.ndim != 2 or concept.shape[1] != random.shape[1]:
         raise ValueError(f"need activations [n, D] with the same D, got {tuple(concept.shape)} and {tuple(random.shape)}")
@@ -75,22 +79,25 @@ def concept_activation_vector(concept: torch.Tensor, random: torch.Tensor, C: fl
         raise ValueError("a CAV needs at least 2 concept and 2 random examples")
     x = torch.cat([concept, random]).double()
     y = torch.cat([torch.ones(len(concept)), torch.zeros(len(random))]).double()
-    gram = x @ x.T  # [n, n]
-    alpha = torch.zeros(len(x), dtype=torch.float64, requires_grad=True)
+    eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.T)  # Gram matrix [n, n] = U S² Uᵀ
+    kept = eigenvalues > eigenvalues.max().clamp(min=1e-300) * 1e-12  # the span's dimensions (drop round-off)
+    scale = eigenvalues[kept].sqrt()  # S
+    basis = eigenvectors[:, kept]  # U
+    z = basis * scale  # [n, rank]: the examples' coordinates in an orthonormal basis V = Xᵀ U S⁻¹ of their span
+    beta = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([alpha, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-10,
+    optimizer = torch.optim.LBFGS([beta, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-10,
                                   tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        margin = gram @ alpha
-        loss = C * F.binary_cross_entropy_with_logits(margin + bias, y, reduction="sum") + 0.5 * alpha @ margin
+        loss = C * F.binary_cross_entropy_with_logits(z @ beta + bias, y, reduction="sum") + 0.5 * beta @ beta
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    direction = (x.T @ alpha.detach()).float()
+    direction = (x.T @ (basis / scale) @ beta.detach()).float()  # w = V β
     return direction / direction.norm().clamp(min=1e-12)
 
 
