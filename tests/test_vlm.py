@@ -154,7 +154,7 @@ def test_the_committed_toy_clip_classifies_shape_and_colour_zero_shot():
     assert zero_shot_accuracy(model, world, "shape") >= 0.9
     assert zero_shot_accuracy(model, world, "color") >= 0.9
     few = ShapesWorld(n=100, seed=1, split="test")  # the same number as a per-image computation by hand
-    assert zero_shot_accuracy(model, few, "shape") == pytest.approx(_zero_shot_by_hand(model, few), abs=1e-9)
+    assert zero_shot_accuracy(model, few, "shape") == pytest.approx(_zero_shot_by_hand(model, few), abs=1e-6)
 
 
 def test_top_captions_in_chunks_equal_a_full_sort():
