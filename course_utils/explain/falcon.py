@@ -12,6 +12,19 @@ For feature i of L2-normalised representations H (SCIENCE.md section 5):
    get their own word scores, and their top words are discarded from the feature's concepts — what the
    feature shares with images where it is silent cannot be what it encodes.
 
+Where the thesis, the reference code (falcon-explain) and this course differ, the choice is an argument:
+
+* caption confidences C (``temperature``): the reference code does not use raw cosines but, per image, the
+  softmax of the scaled cosines over the candidate captions, ``P = softmax(C / τ)`` with CLIP's logit scale
+  1/τ = 100 (``REFERENCE_TEMPERATURE``), and keeps words with WS >= 0.08 of those probabilities;
+  ``temperature=None`` keeps raw cosines (and then no cut-off, ``min_score`` 0);
+* the discard rule of the contrastive step (``low_discard``): ``"top"`` drops the ``low_top_words`` best
+  words of the lowly activating set (the course's own rule, its default), ``"all"`` every concept of that
+  set, i.e. every word with WS >= ``min_score`` there (the thesis), ``"score"`` every word with
+  WS >= ``low_min_score`` = 0.1 there (the reference code);
+* ε of eq. 4.2 (``eps``): ``"feature"`` the feature's mean (the thesis and the course, default) or
+  ``"global"`` the mean of all normalised activations (the reference code), or a number.
+
 Beyond single features: feature groups (thesis Algorithm 1), failure explanations of a linear head, concept
 transfer through a linear map, and — because ShapesWorld knows every attribute — an automatic evaluation
 against ground truth (``evaluate_features``) beside a word-counting baseline.
@@ -33,6 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_utils.vlm import top_captions, words
+
+REFERENCE_TEMPERATURE = 0.01  # the reference code's softmax(100 · cosine): CLIP's logit scale
+THESIS_MIN_SCORE = 0.08  # the thesis' Word-Score cut-off, on softmax confidences
+REFERENCE_LOW_MIN_SCORE = 0.1  # the reference code discards the lowly activating set's words with WS >= 0.1
+DISCARD_RULES = ("top", "all", "score")  # course (top-n words), thesis (every concept), reference (WS >= 0.1)
+EPS_RULES = ("feature", "global")  # ε of eq. 4.2: the feature's mean (thesis, course), the global mean (reference)
 
 NON_CONCEPTS = frozenset({"photo", "picture", "image", "background", "backdrop", "shape", "object", "thing",
                           "next", "beside", "size", "texture", "colour", "color", "sized"})
@@ -79,14 +98,16 @@ def word_scores_from_top(similarities: torch.Tensor, indices: torch.Tensor, capt
 
 
 def word_scores(confidence: torch.Tensor, captions: Sequence[str], top_k: int = 5,
-                discard: Sequence[str] = ()) -> dict[str, float]:
+                discard: Sequence[str] = (), temperature: float | None = None) -> dict[str, float]:
     """Eq. 4.1: WS(w) = (1/|T|) Σ_q max over image q's top-k captions p containing w of C_{q,p}.
 
     Args:
-        confidence: C, image-caption similarities [n_images, n_captions].
+        confidence: image-caption cosines [n_images, n_captions].
         captions: the n_captions strings.
         top_k: captions kept per image (thesis: 5).
         discard: words that are not concepts (added to the stop words).
+        temperature: None: C is the cosine itself; τ > 0: C = softmax(cosine / τ) over the n_captions
+            candidates of each image, as the reference code (τ = ``REFERENCE_TEMPERATURE``).
     Returns:
         word -> score, highest first.
     """
@@ -94,8 +115,45 @@ def word_scores(confidence: torch.Tensor, captions: Sequence[str], top_k: int = 
         raise ValueError(f"confidence must be [n_images, n_captions = {len(captions)}], got {tuple(confidence.shape)}")
     if not 1 <= top_k <= len(captions):
         raise ValueError(f"top_k must lie in [1, {len(captions)}], got {top_k}")
+    if temperature is not None:
+        _check_temperature(temperature)
+        confidence = (confidence.double() / temperature).softmax(dim=1)
     values, indices = confidence.topk(top_k, dim=1)
     return word_scores_from_top(values, indices, captions, discard)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number (the reference code: {REFERENCE_TEMPERATURE}) or None "
+                         f"for raw cosines, got {temperature!r}")
+
+
+def caption_confidences(image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor, top_k: int = 5,
+                        temperature: float | None = None, chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's ``top_k`` captions and their confidences C, the weights of eq. 4.1.
+
+        temperature None:  C_{q,p} = cos(b_q, a_p)                                   (raw cosines)
+        temperature τ:     C_{q,p} = exp(cos(b_q, a_p) / τ) / Σ_{p' ∈ S} exp(cos(b_q, a_p') / τ)
+
+    The softmax runs over every candidate caption of S, as the reference code's ``softmax(100 · B Aᵀ)`` does
+    (it normalises over each file of LAION captions it scans; here S is one such set); the normaliser is a
+    log-sum-exp accumulated ``chunk`` captions at a time, so memory stays bounded for 10^6 captions.
+
+    Args:
+        image_embeddings: [n, d]; caption_embeddings: [M, d] (both L2-normalised).
+    Returns:
+        (confidences float [n, top_k], caption indices LongTensor [n, top_k]), best first.
+    """
+    values, indices = top_captions(image_embeddings, caption_embeddings, top_k, chunk=chunk)
+    if temperature is None:
+        return values, indices
+    _check_temperature(temperature)
+    images = image_embeddings.float()
+    log_partition = torch.full((images.shape[0],), float("-inf"), dtype=torch.float64)
+    for start in range(0, caption_embeddings.shape[0], chunk):
+        block = (images @ caption_embeddings[start:start + chunk].float().T).double() / temperature
+        log_partition = torch.logaddexp(log_partition, block.logsumexp(dim=1))
+    return (values.double() / temperature - log_partition[:, None]).exp().float(), indices
 
 
 def normalise(H: torch.Tensor) -> torch.Tensor:
@@ -135,21 +193,31 @@ def highly_activating(H: torch.Tensor, feature: Features, alpha: float) -> torch
 
 
 def lowly_activating(H: torch.Tensor, feature: Features, high_idx: torch.Tensor, beta: float = 0.7,
-                     eps: float | None = None, max_images: int | None = None) -> torch.Tensor:
+                     eps: float | str | None = None, max_images: int | None = None) -> torch.Tensor:
     """Eq. 4.2: images where feature i is low but which otherwise resemble its highly activating ones.
 
         {j : h_ji < ε, h_{j,V_i} · h^μ >= β},   h^μ = mean over T_i of h without feature i,
 
-    on L2-normalised H; ε defaults to the feature's mean over the population.  Sorted by similarity to
-    h^μ (highest first) and cut to ``max_images``.  For a feature group (thesis 4.3) every feature of the
-    group must be below its own mean, and V_i leaves out the whole group.
+    on L2-normalised H.  ε: ``"feature"`` (or None, the default) the feature's mean over the population, as
+    the thesis; ``"global"`` the mean of all normalised activations, as the reference code; or a number.
+    Sorted by similarity to h^μ (highest first) and cut to ``max_images``.  For a feature group (thesis 4.3)
+    every feature of the group must be below its ε (with ``"feature"``, its own mean), and V_i leaves out
+    the whole group.
     """
     values = normalise(H)
     group = _feature_list(feature, values.shape[1])
     if len(high_idx) == 0:
         raise ValueError("the highly activating set is empty: nothing to contrast with")
     columns = values[:, group]
-    eps_values = columns.mean(0) if eps is None else torch.full((len(group),), float(eps))
+    if eps is None or eps == "feature":
+        eps_values = columns.mean(0)
+    elif eps == "global":
+        eps_values = values.mean().expand(len(group))
+    elif isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        eps_values = torch.full((len(group),), float(eps))
+    else:
+        raise ValueError(f"eps must be 'feature' (the feature's mean), 'global' (the mean of all activations) or a "
+                         f"number, got {eps!r}")
     others = torch.ones(values.shape[1], dtype=torch.bool)
     others[group] = False
     centre = values[high_idx][:, others].mean(0)  # h^μ
@@ -232,12 +300,36 @@ class FeatureExplanation:
     high_captions: torch.Tensor | None = None  # indices into S of each T_i image's top-k captions [|T_i|, k]
 
 
+def contrastive_discard(low_scores: dict[str, float], rule: str = "top", top_words: int = 3, min_score: float = 0.0,
+                        low_min_score: float = REFERENCE_LOW_MIN_SCORE) -> list[str]:
+    """The words the contrastive step removes from a feature's concepts, given the Word Scores of its lowly
+    activating set L_i (word -> WS, highest first).
+
+    rule:
+        ``"top"``   the ``top_words`` highest-scoring words of L_i (the course's own rule);
+        ``"all"``   every concept of L_i, i.e. every word with WS >= ``min_score`` (the thesis: "we include
+                    the concepts of lowly activating images in the discard set");
+        ``"score"`` every word with WS >= ``low_min_score`` (the reference code: 0.1).
+    Returns:
+        the discarded words, in L_i's ranking.
+    """
+    if rule == "top":
+        return list(low_scores)[:top_words]
+    if rule == "all":
+        return [w for w, score in low_scores.items() if score >= min_score]
+    if rule == "score":
+        return [w for w, score in low_scores.items() if score >= low_min_score]
+    raise ValueError(f"rule must be one of {DISCARD_RULES} (course: top-n words, thesis: every concept, reference: "
+                     f"WS >= {REFERENCE_LOW_MIN_SCORE}), got {rule!r}")
+
+
 def explain_feature(
     H: torch.Tensor, feature: Features, image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor,
     captions: Sequence[str], alpha: float | None = None, top_k: int = 5, min_images: int = 10,
     discard: Sequence[str] = NON_CONCEPTS, contrastive: bool = True, beta: float = 0.7, max_low: int = 50,
-    low_top_words: int = 3, min_score: float = 0.0, n_concepts: int = 5,
-    high_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    low_top_words: int = 3, min_score: float | None = None, n_concepts: int = 5,
+    high_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None, temperature: float | None = None,
+    low_discard: str = "top", low_min_score: float = REFERENCE_LOW_MIN_SCORE, eps: float | str = "feature",
 ) -> FeatureExplanation | None:
     """Explain feature ``feature`` of H [N, r] (or a feature group, a sequence of indices) by the captions of
     its highly activating images.
@@ -247,10 +339,17 @@ def explain_feature(
         caption_embeddings, captions: the caption set S ([M, d] and M strings).
         alpha: the activation threshold (default ``activation_threshold(H)``).
         min_images: features with at most this many highly activating images are not explained (None returned).
-        contrastive: drop the top ``low_top_words`` words of the lowly activating set (at most ``max_low``
-            images, similarity β) from the concepts.
-        min_score: keep words with WS >= this (thesis: 0.08 for CLIP ViT-B-32).  The default 0 keeps every
-            word: the toy CLIP's retrieval similarities are about 0.75, so any cut-off that low is void.
+        contrastive: remove the lowly activating set's words (at most ``max_low`` images, similarity β,
+            threshold ``eps``) from the concepts, by ``low_discard`` (``contrastive_discard``): ``"top"`` its
+            ``low_top_words`` best words (the course's default), ``"all"`` every one of its concepts (thesis),
+            ``"score"`` its words with WS >= ``low_min_score`` (reference code, 0.1).
+        temperature: caption confidences (``caption_confidences``): None raw cosines (the course's default),
+            τ the softmax of cosine / τ over the caption set (reference code: τ = 0.01).
+        min_score: keep words with WS >= this.  None (default): the thesis' 0.08 with softmax confidences,
+            0 with raw cosines — the toy CLIP's retrieval cosines are about 0.75, so any cut-off that low is
+            void and every word is kept.
+        eps: ε of eq. 4.2, ``"feature"`` (the feature's mean: thesis and course), ``"global"`` (the mean of
+            all normalised activations: reference code) or a number.
         high_embeddings: optional function from the indices of T_i to the VLM embeddings [|T_i|, d] FALCON
             should caption instead of their rows of ``image_embeddings``, e.g. of their Grad-CAM crops
             (``gradcam_crops``).  The lowly activating images are always seen whole: the feature is silent
@@ -258,23 +357,28 @@ def explain_feature(
     Returns:
         ``FeatureExplanation``, or None when |T_i| <= min_images.
     """
+    if low_discard not in DISCARD_RULES:
+        raise ValueError(f"low_discard must be one of {DISCARD_RULES}, got {low_discard!r}")
+    if min_score is None:
+        min_score = 0.0 if temperature is None else THESIS_MIN_SCORE
     alpha = activation_threshold(H) if alpha is None else alpha
     high = highly_activating(H, feature, alpha)
     if len(high) <= min_images:
         return None
     seen = image_embeddings[high] if high_embeddings is None else high_embeddings(high)
-    values, indices = top_captions(seen, caption_embeddings, top_k)
+    values, indices = caption_confidences(seen, caption_embeddings, top_k, temperature)
     scores = word_scores_from_top(values, indices, captions, discard)
     low = torch.zeros(0, dtype=torch.long)
     low_scores: dict[str, float] = {}
     dropped: list[str] = []
     if contrastive:
-        low = lowly_activating(H, feature, high, beta=beta, max_images=max_low)
+        low = lowly_activating(H, feature, high, beta=beta, eps=eps, max_images=max_low)
         if len(low):
-            low_values, low_indices = top_captions(image_embeddings[low], caption_embeddings, top_k)
+            low_values, low_indices = caption_confidences(image_embeddings[low], caption_embeddings, top_k, temperature)
             low_scores = word_scores_from_top(low_values, low_indices, captions, discard)
-            dropped = list(low_scores)[:low_top_words]
-    concepts = [w for w, s in scores.items() if s >= min_score and w not in dropped][:n_concepts]
+            dropped = contrastive_discard(low_scores, low_discard, low_top_words, min_score, low_min_score)
+    removed = set(dropped)
+    concepts = [w for w, s in scores.items() if s >= min_score and w not in removed][:n_concepts]
     name = feature if isinstance(feature, int) else tuple(int(f) for f in feature)
     return FeatureExplanation(name, concepts, scores, high, low, low_scores, dropped, indices)
 
@@ -324,9 +428,9 @@ def evaluate_features(H: torch.Tensor, image_embeddings: torch.Tensor, caption_e
     Args:
         H [N, r], image_embeddings [N, d]: the probe set; attributes/attribute_names: its ground truth.
         names: word -> attribute values (``captions.concept_names``).
-        explain_options: passed to ``explain_feature`` (alpha, contrastive, beta, max_low, discard, …); the
-            baseline counts the words of the captions FALCON retrieved for T_i (same top_k, discard and
-            n_concepts).
+        explain_options: passed to ``explain_feature`` (alpha, contrastive, beta, max_low, discard, temperature,
+            low_discard, eps, …); the baseline counts the words of the captions FALCON retrieved for T_i (same
+            top_k, discard and n_concepts; the confidences do not change which captions are retrieved).
     """
     candidates = range(H.shape[1]) if features is None else features
     explanations, truths, baseline = [], [], []
