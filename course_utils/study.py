@@ -473,7 +473,8 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
 
 # Raised whenever what is measured changes without a change of settings or version, so that no cached
 # measurement of the old protocol is reused. 2: TCAV draws one concept sample per random set.
-MEASUREMENT_PROTOCOL = 2
+# 3: concept activation vectors from the exact logistic-regression solver (equal to scikit-learn's).
+MEASUREMENT_PROTOCOL = 3
 
 
 def _cache_key(spec: EncoderSpec, grid: str, settings: StudySettings) -> str:
