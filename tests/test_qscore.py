@@ -86,7 +86,7 @@ def test_a_huge_eps_leaves_every_set_empty_without_nans():
 
 
 @pytest.mark.parametrize("H, message", [
-    (torch.rand(10), "2-D"),
+    (torch.rand(10), r"matrix \[N, D\]"),
     (torch.rand(10, 1), "r >= 2"),
     (torch.tensor([[1.0, float("nan")], [1.0, 2.0]]), "NaN"),
     (torch.tensor([[1.0, float("inf")], [1.0, 2.0]]), "inf"),

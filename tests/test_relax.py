@@ -180,7 +180,7 @@ def test_other_fills_replace_masked_pixels_with_the_fill(fill, fp32):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"image": torch.rand(1, 3, 16, 16)}, "one image"),
-    ({"image": torch.rand(16, 16)}, "one image"),
+    ({"image": torch.rand(16, 16)}, "one RGB image"),
     ({"image": torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)}, "float"),
     ({"image": torch.full((3, 16, 16), float("nan"))}, "NaN"),
     ({"num_masks": 1}, "num_masks"),

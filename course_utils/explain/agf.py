@@ -110,7 +110,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input
 
+from course_utils.inputs import check_features, check_images
 from course_utils.models import BasicBlock, ResNet, SimCLRModel
+from course_utils.runtime import eval_mode
 
 Target = Callable[[torch.Tensor], torch.Tensor]
 STEP_SCALE = 10.0  # the Heaviside surrogate sigmoid(10 · Y) of the reference code
@@ -256,16 +258,6 @@ def _check_encoder(encoder: nn.Module) -> ResNet:
     return encoder
 
 
-def _check_images(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"AGF explains images [B, 3, H, W] in [0, 1], got shape {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"images must be float in [0, 1], got {x.dtype}; convert uint8 with x.float() / 255")
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or inf values")
-
-
 def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: bool = True,
                   add_rule: str = "absolute") -> tuple[torch.Tensor, torch.Tensor]:
     """The AGF attribution stream, unnormalised.
@@ -273,7 +265,8 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
     Args:
         encoder: a BasicBlock ``ResNet`` (or a ``SimCLRModel``, whose encoder is used); run in eval
             mode on its own device (its mode is restored).
-        x: images float [B, 3, H, W] in [0, 1].
+        x: images float [B, 3, H, W] in [0, 1] (``inputs.check_images``: a wrong shape, uint8, 0–255 values,
+            NaN/inf or an empty batch raise ``ValueError``; float64 is converted to the encoder's dtype).
         target: ``target(h) -> [B]``, one score per image of the representation h [B, r] that
             depends on that image only (``class_target``, ``ssl_target`` or e.g. ``lambda h: h[:, 3]``).
             A target with a method ``relevance_seed(h, grad) -> [B, r]`` chooses Φ^(1) itself (default
@@ -289,15 +282,12 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
         BatchNorm bias after it made it non-zero and the residual add gave it relevance.
     """
     encoder = _check_encoder(encoder)
-    _check_images(x)
+    x = check_images(x, "x", like=encoder.stem[0].weight)
     if add_rule not in ADD_RULES:
         raise ValueError(f"add_rule must be one of {ADD_RULES}, got {add_rule!r}")
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with eval_mode(encoder):
         with torch.enable_grad():
-            weight = encoder.stem[0].weight
-            image = encoder.normalize(x.to(weight.device, weight.dtype))
+            image = encoder.normalize(x)
             t = image.detach().requires_grad_()  # the graph exists even for a frozen encoder
             stem_inputs = []
             for module in encoder.stem:
@@ -349,8 +339,6 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
                     phi = pool_split(phi, inp, module)
                 elif isinstance(module, nn.Conv2d):
                     phi = stem_zb(phi, inp, module)
-    finally:
-        encoder.train(was_training)
     return phi, phi_h
 
 
@@ -423,11 +411,7 @@ class ssl_target:  # noqa: N801
     """
 
     def __init__(self, bank: torch.Tensor, k: int = 5, self_tolerance: float = 1e-2, evidence: str = "shared") -> None:
-        if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or not bank.is_floating_point():
-            raise ValueError(f"bank must be float representations [M, r], got "
-                             f"{tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__}")
-        if not torch.isfinite(bank).all():
-            raise ValueError("bank contains NaN or inf values")
+        check_features(bank, "bank (representations [M, r])")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < bank.shape[0]:
             raise ValueError(f"k must be an integer in [1, {bank.shape[0] - 1}] for a bank of {bank.shape[0]}, got {k}")
         if self_tolerance < 0:

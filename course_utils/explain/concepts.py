@@ -26,16 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_utils.explain.gradcam import layer_gradient
+from course_utils.inputs import check_features, check_images
 
 Target = Callable[[torch.Tensor], torch.Tensor]  # model output -> one score per input [B]
 
 
 def _capture(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: Target | None,
-             batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flattened activations of ``layer`` [N, D] and, given a target, the gradients of the target at them."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-    device = next(model.parameters()).device
+             batch_size: int, name: str = "images") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flattened activations of ``layer`` [N, D] and, given a target, the gradients of the target at them.
+    ``images`` pass the input guard; ``name`` says which argument they are in its errors."""
+    images = check_images(images, name)
 
     def scorer(n: int) -> Target:
         def score(output: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def _capture(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: T
     activations, gradients = [], []
     for batch in images.split(batch_size):
         score = scorer(len(batch)) if target is not None else None
-        activation, gradient = layer_gradient(model, layer, batch.to(device), score)
+        activation, gradient = layer_gradient(model, layer, batch, score, name=name)
         activations.append(activation.flatten(1).cpu())
         if gradient is not None:
             gradients.append(gradient.flatten(1).cpu())
@@ -56,7 +56,7 @@ def _capture(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: T
 
 
 def layer_activations(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The activations of ``layer`` for ``images`` [N, 3, H, W], flattened: float [N, D] on the CPU."""
+    """The activations of ``layer`` for ``images`` [N, 3, H, W] in [0, 1], flattened: float [N, D] on the CPU."""
     return _capture(model, layer, images, None, batch_size)[0]
 
 
@@ -167,25 +167,40 @@ def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, targ
 
     if len(random_sets) < 3:
         raise ValueError(f"the significance test needs at least 3 random sets, got {len(random_sets)}")
-    samples = {}
+    if not concepts:
+        raise ValueError("give at least one concept: {name: concept images}")
+    samples, labels = {}, {}
     for name, concept in concepts.items():
         if isinstance(concept, torch.Tensor):
             samples[name] = [concept] * len(random_sets)
+            labels[name] = [f"concept {name!r}"] * len(random_sets)
         elif len(concept) != len(random_sets):
             raise ValueError(f"concept {name!r} has {len(concept)} samples for {len(random_sets)} random sets: give "
                              "one sample per random set (or a single tensor, reused against every set)")
         else:
             samples[name] = list(concept)
-    _, gradients = _capture(model, layer, inputs, target, batch_size)
-    random_acts = [layer_activations(model, layer, r, batch_size) for r in random_sets]
+            labels[name] = [f"concept {name!r} sample {i}" for i in range(len(samples[name]))]
+    # every image set through the input guard before any work: a NaN or uint8 set raises, naming itself,
+    # instead of giving a score (NaN activations once gave 0.92 and "significant")
+    check_images(inputs, "inputs")
+    for i, random_set in enumerate(random_sets):
+        check_images(random_set, f"random set {i}")
+    for name, per_set in samples.items():
+        for i, (sample, label) in enumerate(zip(per_set, labels[name])):
+            if i == 0 or sample is not per_set[i - 1]:  # a reused sample once
+                check_images(sample, label)
+    _, gradients = _capture(model, layer, inputs, target, batch_size, "inputs")
+    random_acts = [_capture(model, layer, r, None, batch_size, f"random set {i}")[0]
+                   for i, r in enumerate(random_sets)]
     random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)]))
                      for i in range(len(random_acts))]
     measured = {}
     for name, per_set in samples.items():
         if per_set[0] is per_set[-1]:  # one reused sample: its activations once
-            concept_acts = [layer_activations(model, layer, per_set[0], batch_size)] * len(per_set)
+            concept_acts = [_capture(model, layer, per_set[0], None, batch_size, labels[name][0])[0]] * len(per_set)
         else:
-            concept_acts = [layer_activations(model, layer, sample, batch_size) for sample in per_set]
+            concept_acts = [_capture(model, layer, sample, None, batch_size, label)[0]
+                            for sample, label in zip(per_set, labels[name])]
         scores = [tcav_score(gradients, concept_activation_vector(c, r)) for c, r in zip(concept_acts, random_acts)]
         measured[name] = (scores, tcav_p_value(scores, random_scores))
     used = benjamini_hochberg([p for _, p in measured.values()], q=alpha)
@@ -204,7 +219,8 @@ class Prototypes:
 
 def prototypes(H: torch.Tensor, k: int = 8, per_prototype: int = 8, iterations: int = 50, seed: int = 0) -> Prototypes:
     """k-means (k-means++ start, ``iterations`` Lloyd steps) on L2-normalised representations H [N, r]."""
-    if H.ndim != 2 or not 1 <= k <= H.shape[0]:
+    check_features(H, "H")
+    if not 1 <= k <= H.shape[0]:
         raise ValueError(f"need H [N, r] with N >= k >= 1, got shape {tuple(H.shape)} and k = {k}")
     x = F.normalize(H.detach().float().cpu(), dim=1)
     generator = torch.Generator().manual_seed(seed)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.inputs import check_features, check_images, check_maps
 from course_utils.vlm import top_captions, words
 
 REFERENCE_TEMPERATURE = 0.01  # the reference code's softmax(100 · cosine): CLIP's logit scale
@@ -158,10 +159,7 @@ def caption_confidences(image_embeddings: torch.Tensor, caption_embeddings: torc
 
 def normalise(H: torch.Tensor) -> torch.Tensor:
     """L2-normalised rows, float32 on the CPU (every FALCON step works on these)."""
-    if H.ndim != 2:
-        raise ValueError(f"H must be [N, r], got shape {tuple(H.shape)}")
-    if not torch.isfinite(H).all():
-        raise ValueError("H contains NaN or inf values")
+    check_features(H, "H")
     return F.normalize(H.detach().float().cpu(), dim=1)
 
 
@@ -246,7 +244,14 @@ def crop_box(saliency: torch.Tensor, threshold: float = 0.6) -> tuple[int, int, 
 
 
 def crop_images(images: torch.Tensor, saliency: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
-    """Each image cropped to its ``crop_box`` and resized back to its size: [B, 3, H, W] -> same shape."""
+    """Each image cropped to its ``crop_box`` and resized back to its size: images [B, 3, H, W] in [0, 1] and
+    one saliency map per image [B, H, W] (the images' size) -> crops [B, 3, H, W] float32."""
+    images = check_images(images, "images")
+    saliency = check_maps(saliency, "saliency")
+    if saliency.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"need one saliency map per image at the images' size, [B, H, W] = "
+                         f"{[images.shape[0], *images.shape[2:]]}, got {list(saliency.shape)}; upsample the maps "
+                         "to the image size (e.g. gradcam(..., upsample=True)) and pass one per image")
     crops = []
     for image, saliency_map in zip(images, saliency):
         top, left, bottom, right = crop_box(saliency_map, threshold)
@@ -275,6 +280,7 @@ def gradcam_crops(encoder: nn.Module, layer: nn.Module, images: torch.Tensor, fe
     group = [features] if isinstance(features, int) else list(features)
     if not group:
         raise ValueError("give at least one feature to crop for")
+    images = check_images(images, "images")
     crops = []
     for batch in images.split(batch_size):
         maps = None
@@ -581,6 +587,22 @@ def true_concepts(attributes: dict[str, torch.Tensor], attribute_names: dict[str
     return truth
 
 
+def _check_concept_lists(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]]) -> None:
+    """One ranked word list and one set of true values per feature (a bare str would be scored letter by
+    letter, or fail deep inside the set arithmetic)."""
+    if isinstance(predicted, str) or isinstance(truths, (str, set, frozenset)):
+        raise ValueError("predicted and truths must be lists with one entry per feature: predicted[i] the ranked "
+                         "words of feature i, truths[i] its set of true values")
+    if len(predicted) != len(truths):
+        raise ValueError(f"need one truth per feature, got {len(predicted)} predictions and {len(truths)} truths")
+    for i, (words_i, truth) in enumerate(zip(predicted, truths)):
+        if isinstance(words_i, str):
+            raise ValueError(f"predicted[{i}] is the str {words_i!r}; give a list of ranked words, e.g. [{words_i!r}]")
+        if not isinstance(truth, (set, frozenset)):
+            raise ValueError(f"truths[{i}] is a {type(truth).__name__} ({truth!r}), not a set of true values; "
+                             f"give e.g. {{{truth!r}}} (true_concepts returns sets)")
+
+
 def concept_hits(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]], k: int = 5,
                  names: dict[str, set[str]] | None = None) -> dict[str, "np.ndarray"]:
     """``concept_precision`` per feature, for bootstrap intervals over features (``stats.mean_interval``,
@@ -590,8 +612,7 @@ def concept_hits(predicted: Sequence[Sequence[str]], truths: Sequence[set[str]],
     features were scored, so two methods on the same features stay paired."""
     import numpy as np
 
-    if len(predicted) != len(truths):
-        raise ValueError(f"need one truth per feature, got {len(predicted)} predictions and {len(truths)} truths")
+    _check_concept_lists(predicted, truths)
 
     def hits(words: Sequence[str], truth: set[str]) -> set[str]:
         return {value for w in words for value in (names.get(w, set()) if names else {w})} & truth
@@ -616,6 +637,7 @@ def concept_precision(predicted: Sequence[Sequence[str]], truths: Sequence[set[s
         names: word -> the attribute values it names (``captions.concept_names``: synonyms such as
             "hoop" -> ring); without it a word must equal a value.  Two synonyms of one value count once.
     """
+    _check_concept_lists(predicted, truths)
     scored = [t for t in truths if t]
     if not scored:
         raise ValueError("no feature has a true concept: nothing to score")

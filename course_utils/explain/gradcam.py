@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.inputs import check_images
 from course_utils.runtime import eval_mode
 
 Target = Callable[[Any], torch.Tensor]
@@ -125,8 +126,9 @@ class contrastive:  # noqa: N801
 
     def prepare(self, model: nn.Module) -> None:
         """Embed the partner views (called by ``gradcam`` before the hooked forward pass)."""
+        x_other = check_images(self.x_other, "x_other (the contrastive target's partner views)", like=model)
         with torch.no_grad():
-            self.z_other = F.normalize(_projection(model(self.x_other)).float(), dim=1)
+            self.z_other = F.normalize(_projection(model(x_other)).float(), dim=1)
 
     def __call__(self, output: Any) -> torch.Tensor:
         if self.z_other is None:
@@ -147,7 +149,8 @@ class contrastive:  # noqa: N801
 
 
 def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor,
-                   score: Callable[[Any], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   score: Callable[[Any], torch.Tensor] | None = None, name: str = "x"
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output of ``layer`` while ``model(x)`` runs and, given ``score``, the gradient of
     ``score(model(x)).sum()`` with respect to it — the hook behind Grad-CAM, Interaction-CAM and TCAV.
 
@@ -156,14 +159,18 @@ def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor,
 
     Args:
         model: any module; layer: a module called inside ``model``'s forward pass.
-        x: the model's input batch; score: model output -> scores [B] (one per input).
+        x: the model's input batch, images [B, 3, H, W] in [0, 1] (checked by ``inputs.check_images`` and
+            converted to the model's dtype and device); score: model output -> scores [B] (one per input).
+        name: what to call ``x`` in error messages (e.g. "random set 3").
     Returns:
         (activation, gradient or None), float32, the layer's output shape (e.g. [B, K, h, w]), detached.
     Raises:
-        ValueError: ``layer`` is not part of the model, is not called, or the score does not depend on it.
+        ValueError: ``layer`` is not part of the model, is not called, or the score does not depend on it;
+            ``x`` is not valid images (uint8, 0–255, NaN/inf, wrong shape, empty).
     """
     if not any(m is layer for m in model.modules()):
         raise ValueError(f"{type(layer).__name__} is not a module of the model; pass e.g. model.encoder.layer4")
+    x = check_images(x, name, like=model)
     captured: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -198,15 +205,15 @@ def gradcam(
     Args:
         model: maps x to the output the target reads; run in eval mode (its mode is restored).
         layer: a module inside ``model`` whose output is a feature map [B, K, h, w].
-        x: images [B, 3, H, W].
+        x: images float [B, 3, H, W] in [0, 1] (``inputs.check_images``: uint8, 0–255 values, NaN/inf or an
+            empty batch raise ``ValueError``).
         target: ``target(output) -> [B]`` scalar per image, e.g. ``class_score(c)``.
         upsample: bilinearly resize the maps to [H, W] (else the layer's [h, w]).
         relu: keep the positive part (Grad-CAM); ``False`` keeps the sign.
     Returns:
-        float32 [B, H, W] (or [B, h, w]) on x's device.
+        float32 [B, H, W] (or [B, h, w]) on the model's device.
     """
-    if x.ndim != 4:
-        raise ValueError(f"gradcam expects images [B, C, H, W], got shape {tuple(x.shape)}")
+    x = check_images(x, "x", like=model)
     if hasattr(target, "prepare"):  # in eval mode too: a train-mode forward pass would update BatchNorm's statistics
         with eval_mode(model):
             target.prepare(model)

@@ -16,9 +16,10 @@ Occlusions are evaluated as batches of occluded images.  Patch size and stride d
 64 px / 8 px at 224 px, scaled to the image size.  Occluded pixels get ``fill`` (0: black, as the reference
 code does for [0, 1] inputs).  The reference code resizes an occlusion grid to the image, which shifts
 it by half a patch; here each pixel gets the mean drop of the patches that cover it, so maps align with
-the image.  Where the course simplifies the papers, the function's docstring says so.  Pass models in
-eval mode: the methods embed a single image and batches of occluded copies, which train-mode batch norm
-would normalise differently.
+the image.  Where the course simplifies the papers, the function's docstring says so.  The methods embed a
+single image and batches of occluded copies, which train-mode batch norm would normalise differently (and
+its running statistics would change): ``projection(model)`` and the methods that take a model run it in
+eval mode and restore its mode.  Every image argument passes the input guard (``inputs.check_images``).
 """
 
 from __future__ import annotations
@@ -30,21 +31,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.runtime import eval_mode
+
 from course_utils.explain.gradcam import layer_gradient
-from course_utils.metrics import gaussian_blur
+from course_utils.inputs import check_image, check_images
+from course_utils.imageops import gaussian_blur
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] in [0, 1] -> embeddings [N, d]
 
 
 def projection(model: nn.Module) -> Embed:
-    """The embedding the papers compare: the projection head's output z of a ``SimCLRModel``."""
-    return lambda images: model(images)[1]
+    """The embedding the papers compare: the projection head's output z of a ``SimCLRModel``.
+
+    Each call runs the model in eval mode (BatchNorm with its running statistics, which it leaves unchanged)
+    and restores the mode the model had."""
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with eval_mode(model):
+            return model(images)[1]
+    return embed
 
 
-def _check_pair(x1: torch.Tensor, x2: torch.Tensor) -> None:
-    if x1.ndim != 3 or x1.shape[0] != 3 or x1.shape != x2.shape or x1.shape[1] != x1.shape[2]:
+def _check_pair(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two images of a pair through the input guard: [3, S, S] each, square, of the same size."""
+    x1, x2 = check_image(x1, "x1"), check_image(x2, "x2")
+    if x1.shape != x2.shape or x1.shape[1] != x1.shape[2]:
         raise ValueError(f"need two square images [3, S, S] of the same size, got {tuple(x1.shape)} and "
                          f"{tuple(x2.shape)}")
+    return x1, x2
+
+
+def _check_batches(x1: torch.Tensor, x2: torch.Tensor, like: nn.Module | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches of pairs through the input guard: [B, 3, H, W] each, of the same shape."""
+    x1, x2 = check_images(x1, "x1", like=like), check_images(x2, "x2", like=like)
+    if x1.shape != x2.shape:
+        raise ValueError(f"need two batches [B, 3, H, W] of the same shape, got {tuple(x1.shape)} and "
+                         f"{tuple(x2.shape)}")
+    return x1, x2
 
 
 def _scaled(size: int, at_224: int) -> int:
@@ -60,6 +83,7 @@ def _embed_batches(embed: Embed, images: torch.Tensor, batch_size: int) -> torch
 
 def similarity(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """cos(f(x1), f(x2)) for batches of pairs [N, 3, H, W] -> [N] (no gradient)."""
+    x1, x2 = _check_batches(x1, x2)
     return F.cosine_similarity(_embed_batches(embed, x1, batch_size), _embed_batches(embed, x2, batch_size), dim=1)
 
 
@@ -100,7 +124,7 @@ def conditional_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, patc
     Returns:
         (map of x1, map of x2), float [H, W] each: the mean drop of the patches covering each pixel.
     """
-    _check_pair(x1, x2)
+    x1, x2 = _check_pair(x1, x2)
     masks = patch_masks(x1.shape[-1], patch, stride).to(x1.device)
     base = similarity(embed, x1[None], x2[None])
     maps = []
@@ -125,7 +149,7 @@ def context_agnostic_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor,
     Returns:
         (map of x1, map of x2), float [H, W] each (cosines in [-1, 1], averaged over covering patches).
     """
-    _check_pair(x1, x2)
+    x1, x2 = _check_pair(x1, x2)
     masks = patch_masks(x1.shape[-1], patch, stride).to(x1.device)
     maps = []
     for image, other in ((x1, x2), (x2, x1)):
@@ -175,7 +199,7 @@ def pairwise_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, samples
     Returns:
         (map of x1, map of x2), float [H, W] each, divided by its maximum (in [0, 1]).
     """
-    _check_pair(x1, x2)
+    x1, x2 = _check_pair(x1, x2)
     if credit not in ("norm", "both"):
         raise ValueError(f"credit must be 'norm' or 'both', got {credit!r}")
     if samples < 1:
@@ -218,8 +242,7 @@ def interaction_cam(model: nn.Module, layer: nn.Module, x1: torch.Tensor, x2: to
     """
     if alpha not in ("elementwise", "gap"):
         raise ValueError(f"alpha must be 'elementwise' or 'gap', got {alpha!r}")
-    if x1.ndim != 4 or x1.shape != x2.shape:
-        raise ValueError(f"need two batches [B, 3, H, W] of the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    x1, x2 = _check_batches(x1, x2, like=model)
     features, gradient = layer_gradient(model, layer, torch.cat([x1, x2]),
                                         lambda output: F.cosine_similarity(*output[1].float().chunk(2), dim=1))
     f1, f2 = features.chunk(2)
@@ -280,8 +303,7 @@ def averaged_transforms(embed: Embed, x: torch.Tensor, transform: str | Callable
         (map of x, map of the most transformed view x̃_λmin), float [H, W] each.  The reference code also uses
         guided back-propagation; the course's ResNets use functional ReLUs, so plain gradients are used.
     """
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"need one image [3, H, W], got shape {tuple(x.shape)}")
+    x = check_image(x, "x")
     if isinstance(transform, str):
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {transform!r}; choose from {sorted(TRANSFORMS)} or pass a function")
@@ -350,8 +372,7 @@ def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Ten
     """
     if channels not in INVARIANCE_CHANNELS:
         raise ValueError(f"channels must be one of {INVARIANCE_CHANNELS}, got {channels!r}")
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"need one image [3, H, W], got shape {tuple(x.shape)}")
+    x = check_image(x, "x")
     views = augment(x[None].expand(n_augments, -1, -1, -1))
     if views.shape != (n_augments, *x.shape):
         raise ValueError(f"augment must return [N, 3, H, W] views of the same size, got {tuple(views.shape)}")
@@ -387,8 +408,7 @@ def feature_visualisation(embed: Embed, x2: torch.Tensor, steps: int = 200, lr: 
     Returns:
         (image [3, H, W] in [0, 1], similarity after each step).
     """
-    if x2.ndim != 3 or x2.shape[0] != 3:
-        raise ValueError(f"need one image [3, H, W], got shape {tuple(x2.shape)}")
+    x2 = check_image(x2, "x2")
     generator = torch.Generator().manual_seed(seed)
     theta = (0.1 * torch.randn(x2.shape, generator=generator)).to(x2.device).requires_grad_()
     optimizer = torch.optim.Adam([theta], lr=lr)
@@ -411,19 +431,18 @@ def invert(model: nn.Module, layer: nn.Module, x: torch.Tensor, steps: int = 300
            tv: float = 1e-2, seed: int = 0) -> torch.Tensor:
     """Feature inversion (Mahendran & Vedaldi): an image whose activation at ``layer`` matches that of ``x``,
     minimising ||φ(v) − φ(x)||² / ||φ(x)||² + tv · TV²(v) from noise; image [3, H, W] -> [3, H, W] in [0, 1]."""
+    x = check_image(x, "x", like=model)
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             captured.clear()
             model(x[None])
             reference = captured[-1].detach().float()
         generator = torch.Generator().manual_seed(seed)
         theta = (0.1 * torch.randn(x.shape, generator=generator)).to(x.device).requires_grad_()
         optimizer = torch.optim.Adam([theta], lr=lr)
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for _ in range(steps):
                 captured.clear()
                 image = torch.sigmoid(theta)
@@ -435,7 +454,6 @@ def invert(model: nn.Module, layer: nn.Module, x: torch.Tensor, steps: int = 300
                 optimizer.step()
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.sigmoid(theta).detach()
 
 
@@ -444,4 +462,5 @@ def model_difference(model_a: nn.Module, layer_a: nn.Module, model_b: nn.Module,
     """What two models keep of an image at comparable depths: the feature inversions of ``x`` through
     (model_a, layer_a) and (model_b, layer_b) from the same noise, e.g. a supervised and a self-supervised
     encoder at the same stage.  Returns two images [3, H, W]."""
+    x = check_image(x, "x")
     return invert(model_a, layer_a, x, steps, seed=seed), invert(model_b, layer_b, x, steps, seed=seed)

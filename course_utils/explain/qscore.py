@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from course_utils.inputs import check_features
+
 
 @dataclass
 class QScoreResult:
@@ -57,16 +59,13 @@ class QScoreResult:
         return self.n_empty / max(1, self.empty.numel())
 
 
-def _check_features(h: torch.Tensor, name: str) -> None:
-    if h.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D matrix [N, r] of representations, got shape {tuple(h.shape)}")
+def _check_representations(h: torch.Tensor, name: str) -> None:
+    """The input guard's feature check (a float, finite [N, r] with N >= 1; an empty batch raises) plus
+    what Q-Score itself needs: r >= 2 coordinates for a mean and a std."""
+    check_features(h, name)
     if h.shape[1] < 2:
         raise ValueError(f"{name} needs at least 2 features per sample (r >= 2) for a mean and a std, "
                          f"got r = {h.shape[1]}")
-    if not h.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {h.dtype}")
-    if not torch.isfinite(h).all():
-        raise ValueError(f"{name} contains NaN or inf values; check the encoder's output (e.g. bf16 overflow)")
 
 
 def _check_eps(eps: float) -> None:
@@ -93,7 +92,7 @@ def qscore(H: torch.Tensor, eps: float = 4.0, percentiles: tuple[float, float] =
     Returns:
         ``QScoreResult``; all tensors on the CPU.
     """
-    _check_features(H, "H")
+    _check_representations(H, "H")
     _check_eps(eps)
     low, high = percentiles
     if not 0 <= low <= high <= 100:
@@ -136,7 +135,7 @@ def qscore_penalty(h: torch.Tensor, discriminative: torch.Tensor, eps: float = 4
     Returns:
         scalar tensor.
     """
-    _check_features(h, "h")
+    _check_representations(h, "h")
     _check_eps(eps)
     if discriminative.shape != (h.shape[1],) or discriminative.dtype != torch.bool:
         raise ValueError(f"discriminative must be a bool mask [r] = [{h.shape[1]}] (qscore(...).discriminative), "

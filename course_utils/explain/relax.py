@@ -31,8 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.explain.gradcam import representation
-from course_utils.metrics import baseline_images
-from course_utils.runtime import autocast
+from course_utils.inputs import check_image, check_images
+from course_utils.imageops import baseline_images
+from course_utils.runtime import autocast, eval_mode
 
 _PROGRESS_MIN_FORWARDS = 20  # show a progress bar by default from this many forward passes
 
@@ -101,16 +102,6 @@ def _render_masks(draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: 
     return upsampled[index, rows[:, :, None], cols[:, None, :]].clamp(0, 1)
 
 
-def _check_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"RELAX explains RGB images [3, H, W] (or a batch [B, 3, H, W]), got shape "
-                         f"{tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be float in [0, 1], got {images.dtype}; convert uint8 with x.float() / 255")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf values")
-
-
 def _mask_batches(num_masks: int, chunk: int, size: tuple[int, int], masks: torch.Tensor | None, grid: int,
                   p_keep: float, generator: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
     """The masks, ``chunk`` at a time, on ``device``: given ones sliced, or new ones rendered chunk by chunk
@@ -129,6 +120,7 @@ def _mask_batches(num_masks: int, chunk: int, size: tuple[int, int], masks: torc
 def masked_copies(images: torch.Tensor, masks: torch.Tensor, fill: str | float = 0.0) -> torch.Tensor:
     """Every image under every mask, ``X ⊙ M + B ⊙ (1 - M)``: images [B, 3, H, W], masks [m, H, W]
     -> [B, m, 3, H, W], with the fill ``B`` as in ``relax_batch``."""
+    images = check_images(images)
     return _blend(images, baseline_images(images, fill), masks)
 
 
@@ -156,7 +148,8 @@ def relax_batch(
     Args:
         encoder: maps images [B, 3, H, W] in [0, 1] to h [B, r] (a ``SimCLRModel``'s (h, z) works too);
             run in eval mode on its own device (its mode is restored).
-        images: float [B, 3, H, W] in [0, 1].
+        images: float [B, 3, H, W] in [0, 1] (``inputs.check_images``: uint8, 0–255 values, NaN/inf or an
+            empty batch raise ``ValueError``; float64 is converted to the encoder's dtype).
         num_masks: N, masks per image (ignored when ``masks`` is given).
         batch_size: masked images per forward pass; bounds the memory.
         masks: optional explicit masks float [N, H, W] in [0, 1].
@@ -170,7 +163,7 @@ def relax_batch(
         ``RelaxResult`` with importance, uncertainty, u_relax float32 [B, H, W] on the CPU and
         similarities [B, N].
     """
-    _check_images(images)
+    images = check_images(images, "images", like=encoder)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = tuple(images.shape[-2:])
@@ -186,7 +179,6 @@ def relax_batch(
     n_forwards = math.ceil(num_masks / chunk) * math.ceil(n_images / group)
     show = n_forwards >= _PROGRESS_MIN_FORWARDS if progress is None else progress
 
-    images = images.to(device, torch.float32)
     fills = baseline_images(images, fill)
     pixels = size[0] * size[1]
     accumulate = torch.float32 if device.type == "mps" else torch.float64
@@ -194,31 +186,27 @@ def relax_batch(
     sum_sm = torch.zeros(n_images, pixels, device=device, dtype=accumulate)  # Σ s_n M_n
     sum_ssm = torch.zeros(n_images, pixels, device=device, dtype=accumulate)  # Σ s_n² M_n
     similarities = []
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad(), tqdm(total=n_forwards, desc="RELAX", disable=not show, leave=False) as bar:
-            with autocast(device):
-                h = F.normalize(representation(encoder(images)).float(), dim=1)  # [B, r]
-            for mask in _mask_batches(num_masks, chunk, size, masks, grid, p_keep, generator, device):
-                flat = mask.flatten(1).to(accumulate)  # [m, HW]
-                sum_m += flat.sum(0)
-                chunk_similarities = []
-                for first in range(0, n_images, group):
-                    x = images[first:first + group]
-                    masked = _blend(x, fills[first:first + group], mask).flatten(0, 1)  # [g * m, 3, H, W]
-                    with autocast(device):
-                        h_masked = representation(encoder(masked)).float()
-                    h_masked = F.normalize(h_masked, dim=1).view(x.shape[0], mask.shape[0], -1)
-                    chunk_similarities.append((h_masked * h[first:first + group, None]).sum(2))  # [g, m]
-                    bar.update()
-                s = torch.cat(chunk_similarities)  # [B, m]
-                similarities.append(s)  # kept on the device: a copy per batch would stall a GPU
-                s = s.to(accumulate)
-                sum_sm += s @ flat
-                sum_ssm += s.square() @ flat
-    finally:
-        encoder.train(was_training)
+    bar = tqdm(total=n_forwards, desc="RELAX", disable=not show, leave=False)
+    with eval_mode(encoder), torch.no_grad(), bar:
+        with autocast(device):
+            h = F.normalize(representation(encoder(images)).float(), dim=1)  # [B, r]
+        for mask in _mask_batches(num_masks, chunk, size, masks, grid, p_keep, generator, device):
+            flat = mask.flatten(1).to(accumulate)  # [m, HW]
+            sum_m += flat.sum(0)
+            chunk_similarities = []
+            for first in range(0, n_images, group):
+                x = images[first:first + group]
+                masked = _blend(x, fills[first:first + group], mask).flatten(0, 1)  # [g * m, 3, H, W]
+                with autocast(device):
+                    h_masked = representation(encoder(masked)).float()
+                h_masked = F.normalize(h_masked, dim=1).view(x.shape[0], mask.shape[0], -1)
+                chunk_similarities.append((h_masked * h[first:first + group, None]).sum(2))  # [g, m]
+                bar.update()
+            s = torch.cat(chunk_similarities)  # [B, m]
+            similarities.append(s)  # kept on the device: a copy per batch would stall a GPU
+            s = s.to(accumulate)
+            sum_sm += s @ flat
+            sum_ssm += s.square() @ flat
     return _maps(sum_m, sum_sm, sum_ssm, num_masks, normalize, size, torch.cat(similarities, 1).cpu())
 
 
@@ -270,9 +258,10 @@ def relax(
 ) -> RelaxResult:
     """RELAX of one image float [3, H, W] in [0, 1]: importance, uncertainty, u_relax [H, W] and the
     similarities [N].  Arguments as in ``relax_batch``."""
-    if image.ndim != 3:
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
         raise ValueError(f"relax explains one image [3, H, W], got shape {tuple(image.shape)}; "
                          "use relax_batch for [B, 3, H, W]")
+    image = check_image(image, "image", like=encoder)
     result = relax_batch(encoder, image[None], num_masks, batch_size, masks, normalize, generator, grid, p_keep,
                          fill, progress)
     return RelaxResult(result.importance[0], result.uncertainty[0], result.u_relax[0], result.similarities[0])
