@@ -13,14 +13,22 @@
 * scores that predict a binary outcome (e.g. Q-Score predicting a correct classification): ``auroc``,
   ``auprc`` and ``bootstrap_interval`` for their confidence intervals.
 
-Saliency maps are float [B, H, W] (higher = more important); masks are bool [B, H, W].
+Saliency maps are float [B, H, W] (higher = more important); masks are bool [B, H, W].  Images, maps and
+batches go through the input guard (``inputs``): bad images (uint8, 0–255, NaN) and empty batches raise a
+``ValueError``.  A constant map (all zeros, all ones: it ranks no pixel above another) warns with
+``ConstantMapWarning`` and is scored as chance: the pointing game's chance hit rate (the mask's area share),
+the expected IoU of a random ranking, the deletion / insertion curve averaged over ``CHANCE_ORDERS`` random
+orders, and Average Drop / Increase with the weight E = 1/2 everywhere.  A score function that is a model (an
+``nn.Module``, a method of one, a ``functools.partial`` or a closure over one) runs in eval mode for the call
+and gets its mode back, so a metric never changes BatchNorm statistics nor depends on the model's mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
-from typing import Callable, Sequence
+import functools
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,20 +36,75 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
+from course_utils import imageops
+from course_utils.inputs import check_images, check_maps, constant_maps, warn_constant_maps
+from course_utils.runtime import eval_mode
+
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] -> scores [N] or per class [N, C]
 
 
-def _check_maps(saliency: torch.Tensor, masks: torch.Tensor | None = None) -> None:
-    if saliency.ndim != 3:
-        raise ValueError(f"saliency maps must be [B, H, W], got shape {tuple(saliency.shape)}")
-    if not torch.isfinite(saliency).all():
-        raise ValueError("saliency maps contain NaN or inf; check the explanation method's output")
+CHANCE_ORDERS = 8  # random deletion / insertion orders averaged for a constant map (its chance curve)
+CONSTANT_MAP_WEIGHT = 0.5  # Average Drop / Increase: the weight E of every pixel of a constant map
+
+
+def _check_maps(saliency: torch.Tensor, masks: torch.Tensor | None = None, name: str = "saliency maps"
+                ) -> torch.Tensor:
+    """``inputs.check_maps`` (shape [B, H, W], finite, non-empty; float) and, given masks, their shape and content."""
+    saliency = check_maps(saliency, name)
     if masks is not None:
+        if not isinstance(masks, torch.Tensor):
+            raise ValueError(f"masks must be a bool tensor [B, H, W], got {type(masks).__name__}")
         if masks.shape != saliency.shape:
             raise ValueError(f"masks {tuple(masks.shape)} and saliency {tuple(saliency.shape)} differ in shape; "
                              "upsample the maps to the image size first")
         if not masks.flatten(1).any(1).all():
             raise ValueError("every mask needs at least one pixel (an empty mask has no object to point at)")
+    return saliency
+
+
+def _check_image_maps(images: torch.Tensor, saliency: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images through ``inputs.check_images``, maps through ``_check_maps``, one [H, W] map per image."""
+    images = check_images(images, "images")
+    saliency = _check_maps(saliency)
+    if images.shape[0] != saliency.shape[0] or images.shape[-2:] != saliency.shape[-2:]:
+        raise ValueError(f"images {tuple(images.shape)} and saliency {tuple(saliency.shape)} do not match: "
+                         f"{metric} needs one [H, W] map per image [3, H, W]")
+    return images, saliency
+
+
+def _modules_of(fn: Callable) -> list[nn.Module]:
+    """The models a score function runs: ``fn`` itself (an ``nn.Module``), the module of a bound method, the
+    function and arguments of a ``functools.partial``, and the modules a closure (lambda, nested def)
+    captures, recursively.  A model reached only through a global name or an object's attribute is not found."""
+    found, todo, seen = [], [fn], set()
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, nn.Module):
+            found.append(item)
+        elif isinstance(item, functools.partial):
+            todo += [item.func, *item.args, *item.keywords.values()]
+        elif callable(item):
+            owner = getattr(item, "__self__", None)
+            if isinstance(owner, nn.Module):
+                todo.append(owner)
+            for cell in getattr(getattr(item, "__func__", item), "__closure__", None) or ():
+                try:
+                    todo.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+    return found
+
+
+@contextlib.contextmanager
+def _models_in_eval_mode(fn: Callable) -> Iterator[None]:
+    """Every model ``fn`` runs (``_modules_of``) in eval mode (``runtime.eval_mode``), its mode restored after."""
+    with contextlib.ExitStack() as stack:
+        for module in _modules_of(fn):
+            stack.enter_context(eval_mode(module))
+        yield
 
 
 def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
@@ -66,8 +129,10 @@ def pointing_hits(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int = 
     Ties are broken at random in expectation: an image whose maximum is shared by several pixels
     counts as the share of them inside the mask, so a constant map scores the mask's area (chance).
     Feed the hits to ``stats.mean_interval`` / ``stats.difference_interval`` for intervals over images.
+    A constant map (``ConstantMapWarning``) therefore scores exactly chance: the share of the (dilated) mask.
     """
-    _check_maps(saliency, masks)
+    saliency = _check_maps(saliency, masks)
+    warn_constant_maps(saliency, "the pointing game")
     flat, inside = saliency.flatten(1), dilate(masks, tolerance).flatten(1)
     is_max = flat == flat.max(1, keepdim=True).values
     return (is_max & inside).sum(1).float() / is_max.sum(1).float()
@@ -95,9 +160,11 @@ def mask_iou(saliency: torch.Tensor, masks: torch.Tensor, top_fraction: float | 
     """IoU between the most salient pixels and the mask, per image: float [B].
 
     The map is binarised by keeping its top-k pixels, k = the mask's area (default) or
-    ``top_fraction`` of the image; ties are broken at random (fixed seed).
+    ``top_fraction`` of the image; ties are broken at random (fixed seed).  A constant map
+    (``ConstantMapWarning``) scores chance: the expected IoU of k pixels drawn at random (``chance_iou``).
     """
-    _check_maps(saliency, masks)
+    saliency = _check_maps(saliency, masks)
+    constant = warn_constant_maps(saliency, "mask IoU")
     flat, inside = saliency.flatten(1), masks.flatten(1).bool()
     n_pixels = flat.shape[1]
     if top_fraction is not None and not 0 < top_fraction <= 1:
@@ -105,7 +172,27 @@ def mask_iou(saliency: torch.Tensor, masks: torch.Tensor, top_fraction: float | 
     ks = (inside.sum(1) if top_fraction is None
           else torch.full((flat.shape[0],), max(1, round(top_fraction * n_pixels))))
     selected = _ranks(saliency) < ks[:, None].to(flat.device)
-    return ((selected & inside).sum(1).float() / (selected | inside).sum(1).float())
+    iou = (selected & inside).sum(1).float() / (selected | inside).sum(1).float()
+    if constant.any():
+        rows = constant.to(iou.device)
+        iou[rows] = chance_iou(inside.sum(1)[rows].cpu(), ks.to(rows.device)[rows].cpu(), n_pixels).to(iou)
+    return iou
+
+
+def chance_iou(mask_area: torch.Tensor, k: torch.Tensor, n_pixels: int) -> torch.Tensor:
+    """The IoU a random ranking scores in expectation: k of ``n_pixels`` pixels drawn at random against a
+    mask of ``mask_area`` pixels, E[I / (k + m - I)] with I hypergeometric (exact, not I's mean plugged in);
+    int [B], int [B], int -> float [B].  For k = m it is close to a / (2 - a), a = m / n the mask's area share."""
+    m, k, n = mask_area.double()[:, None], k.double()[:, None], float(n_pixels)
+    i = torch.arange(int(torch.minimum(m, k).max()) + 1, dtype=torch.float64)[None]
+
+    def log_choose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
+
+    possible = (i <= torch.minimum(m, k)) & (i >= (k + m - n).clamp(min=0))
+    log_pmf = log_choose(m, i) + log_choose(n - m, k - i) - log_choose(torch.tensor(n), k)
+    pmf = torch.where(possible, log_pmf, torch.tensor(float("-inf"), dtype=torch.float64)).exp()
+    return torch.where(possible, pmf * i / (k + m - i).clamp(min=1), 0.0).sum(1).float()
 
 
 def random_map(batch: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,67 +207,10 @@ def centre_prior(batch: int, size: int, sigma: float = 0.25) -> torch.Tensor:
     return bump.expand(batch, size, size).clone()
 
 
-REFERENCE_BLUR_SIGMA = 5.0  # px at 224 px: explain-cl's insertion baseline (11 x 11 kernel, sigma 5)
-REFERENCE_SIZE = 224
-
-
-def scaled_blur_sigma(size: int, sigma_at_224: float = REFERENCE_BLUR_SIGMA) -> float:
-    """A blur's sigma scaled to the image side: ``sigma_at_224 · size / 224`` px.
-
-    The references blur 224-px images with sigma 5 px (explain-cl's insertion baseline and its "blur"
-    transform).  The same sigma on a 32-px image blurs seven times as much of the image (relative to its
-    side) as the references do.  Scaled, it is 5 · 32 / 224 ≈ 0.71 px at 32 px."""
-    if size < 1 or sigma_at_224 <= 0:
-        raise ValueError(f"need an image side >= 1 and a sigma > 0, got {size} and {sigma_at_224}")
-    return sigma_at_224 * size / REFERENCE_SIZE
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-    """Separable Gaussian blur with replicated borders: [B, C, H, W] -> same shape.
-
-    Args:
-        sigma: in pixels; None: the references' 5 px at 224 px scaled to the image's shorter side
-            (``scaled_blur_sigma``), 0.71 px at 32 px.  The kernel reaches ceil(3 sigma) px to each side (the
-            references truncate theirs at 11 x 11, i.e. at 1 sigma; a full Gaussian is the course's choice).
-    """
-    if sigma is None:
-        sigma = scaled_blur_sigma(min(images.shape[-2:]))
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0 pixels, got {sigma}")
-    radius = max(1, math.ceil(3 * sigma))
-    taps = torch.exp(-torch.arange(-radius, radius + 1).float() ** 2 / (2 * sigma**2))
-    taps = (taps / taps.sum()).to(images)
-    channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(padded, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(out, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-
-
-RELAX_BLUR_SIGMA = 5.0  # px, whatever the image size: the "blur" fill whose RELAX settings notebook 03 chose on val
-
-
-def baseline_images(images: torch.Tensor, baseline: str | float, blur_sigma: float | None = RELAX_BLUR_SIGMA
-                    ) -> torch.Tensor:
-    """What removed pixels are replaced with: ``"blur"`` (Gaussian blur of ``blur_sigma`` px), ``"mean"``
-    (each image's mean colour) or a number (e.g. 0, black); images [B, 3, H, W] -> same shape.
-
-    ``blur_sigma``: None scales the references' 5 px at 224 px to the image (``scaled_blur_sigma``, 0.71 px
-    at 32 px), which the perturbation metrics below use by default.  The default 5 px, fixed in pixels, is
-    RELAX's "blur" fill (``relax_batch(fill="blur")`` calls this function): a course choice made on val in
-    notebook 03, not a reference setting; at 32 px it is close to a local mean colour.
-    """
-    if baseline == "blur":
-        return gaussian_blur(images, blur_sigma)
-    if baseline == "mean":
-        return images.mean((2, 3), keepdim=True).expand_as(images)
-    if isinstance(baseline, (int, float)):
-        return torch.full_like(images, float(baseline))
-    raise ValueError(f"baseline must be 'blur', 'mean' or a number, got {baseline!r}")
-
-
 def _scores(score_fn: ScoreFn, images: torch.Tensor, target: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-    """score_fn over ``images`` in batches: [N], taking column ``target[i]`` of per-class scores [N, C]."""
-    with torch.no_grad():
+    """score_fn over ``images`` in batches: [N], taking column ``target[i]`` of per-class scores [N, C]; its
+    models in eval mode (``_models_in_eval_mode``)."""
+    with torch.no_grad(), _models_in_eval_mode(score_fn):
         scores = torch.cat([score_fn(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
     if scores.ndim == 2 and scores.shape[0] == len(images):
         if target is None:
@@ -194,17 +224,32 @@ def _scores(score_fn: ScoreFn, images: torch.Tensor, target: torch.Tensor | None
 
 def _perturbation_curve(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int,
                         start: torch.Tensor, end: torch.Tensor, batch_size: int,
-                        target: torch.Tensor | None) -> torch.Tensor:
-    """Scores while the most salient pixels switch from ``start`` to ``end``: float [B, steps + 1]."""
-    _check_maps(saliency)
-    if images.ndim != 4 or images.shape[0] != saliency.shape[0] or images.shape[-2:] != saliency.shape[-2:]:
-        raise ValueError(f"images {tuple(images.shape)} and saliency {tuple(saliency.shape)} do not match: "
-                         "one [H, W] map per image [3, H, W]")
+                        target: torch.Tensor | None, metric: str) -> torch.Tensor:
+    """Scores while the most salient pixels switch from ``start`` to ``end``: float [B, steps + 1].
+
+    ``saliency`` is checked (``_check_image_maps``) by the caller.  A constant map's curve is the mean over
+    ``CHANCE_ORDERS`` random orders (the first is its fixed-seed tie-break order), an estimate of the
+    random-order expectation."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    constant = warn_constant_maps(saliency, metric).cpu()
     mixed = _switched(saliency, steps, start, end)
     rows = None if target is None else target.repeat_interleave(steps + 1)
-    return _scores(score_fn, mixed.flatten(0, 1), rows, batch_size).view(saliency.shape[0], steps + 1)
+    curve = _scores(score_fn, mixed.flatten(0, 1), rows, batch_size).view(saliency.shape[0], steps + 1)
+    if constant.any():
+        index = constant.nonzero().squeeze(1).repeat_interleave(CHANCE_ORDERS - 1)
+        orders = _random_orders(len(index), saliency.shape[-2:]).to(saliency.device)
+        on_device = index.to(start.device)
+        more = _switched(orders, steps, start[on_device], end[on_device])
+        rows = None if target is None else target[index.to(target.device)].repeat_interleave(steps + 1)
+        extra = _scores(score_fn, more.flatten(0, 1), rows, batch_size).view(-1, CHANCE_ORDERS - 1, steps + 1)
+        curve[constant] = (curve[constant] + extra.sum(1)) / CHANCE_ORDERS
+    return curve
+
+
+def _random_orders(count: int, shape: Sequence[int]) -> torch.Tensor:
+    """``count`` i.i.d. uniform maps (fixed seed) whose rankings are random pixel orders: float [count, H, W]."""
+    return torch.rand(count, *shape, generator=torch.Generator().manual_seed(1))
 
 
 def _switched(saliency: torch.Tensor, steps: int, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -235,12 +280,18 @@ def deletion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor
             image is scored in batches of ``batch_size``.
         baseline: what a deleted pixel becomes: a number (0 = black, RISE), "mean" or "blur".
         blur_sigma: the blur's sigma in px; None (default): the references' 5 px at 224 px scaled to the
-            image (``scaled_blur_sigma``: 0.71 px at 32 px).
+            image (``imageops.scaled_blur_sigma``: 0.71 px at 32 px).
     Returns:
-        float [B], in the units of ``score_fn``.
+        float [B], in the units of ``score_fn``.  A constant map (``ConstantMapWarning``) scores chance: the
+        AUC of the curve averaged over ``CHANCE_ORDERS`` random deletion orders.
+    Raises:
+        ValueError: images that are not float in [0, 1] (uint8, 0–255, NaN), an empty batch, maps that do not
+            match the images.
     """
+    images, saliency = _check_image_maps(images, saliency, "deletion AUC")
     return _auc(_perturbation_curve(score_fn, images, saliency, steps, images,
-                                    baseline_images(images, baseline, blur_sigma), batch_size, target))
+                                    imageops.baseline_images(images, baseline, blur_sigma), batch_size, target,
+                                    "deletion AUC"))
 
 
 def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor, steps: int = 16,
@@ -249,8 +300,10 @@ def insertion_auc(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tenso
     """Area under the score while the most salient pixels are inserted first into a blurred copy
     (higher = better map); arguments as ``deletion_auc``.  The blur's sigma scales with the image (5 px at
     224 px as in the references, 0.71 px at 32 px) unless ``blur_sigma`` fixes it in pixels."""
-    return _auc(_perturbation_curve(score_fn, images, saliency, steps, baseline_images(images, baseline, blur_sigma),
-                                    images, batch_size, target))
+    images, saliency = _check_image_maps(images, saliency, "insertion AUC")
+    return _auc(_perturbation_curve(score_fn, images, saliency, steps,
+                                    imageops.baseline_images(images, baseline, blur_sigma), images, batch_size,
+                                    target, "insertion AUC"))
 
 
 def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: torch.Tensor,
@@ -260,9 +313,12 @@ def average_drop_increase(score_fn: ScoreFn, images: torch.Tensor, saliency: tor
     Each image is masked by its map scaled to [0, 1] (``x * E``); with Y = score(x) and
     O = score(x * E): drop = mean(max(0, Y - O) / Y) x 100 (lower = better), increase =
     share of images with O > Y x 100 (higher = better).  Scores must be positive (probabilities);
-    per-class scores [N, C] need ``target`` [B] as in ``deletion_auc``.
+    per-class scores [N, C] need ``target`` [B] as in ``deletion_auc``.  A constant map
+    (``ConstantMapWarning``; an all-zero map once kept nothing, an all-ones map everything) is scored as
+    chance: E = 1/2 at every pixel, a random map's mean weight.
     """
-    _check_maps(saliency)
+    images, saliency = _check_image_maps(images, saliency, "Average Drop / Increase")
+    warn_constant_maps(saliency, "Average Drop / Increase")
     explanation = _unit_range(saliency).to(images)
     full = _scores(score_fn, images, target, batch_size)
     masked = _scores(score_fn, images * explanation[:, None], target, batch_size)
@@ -277,18 +333,30 @@ PairScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a [N, 3, 
 PAIR_MODES = ("simultaneous", "conditional")
 
 
-def _check_pair_maps(x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor, map2: torch.Tensor, mode: str) -> None:
+def _check_pair_maps(x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor, map2: torch.Tensor, mode: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mode, images (``inputs.check_images``) and maps (``inputs.check_maps``) of a pair metric, checked."""
     if mode not in PAIR_MODES:
         raise ValueError(f"mode must be one of {PAIR_MODES}, got {mode!r}")
-    _check_maps(map1)
-    _check_maps(map2)
+    x1, x2 = check_images(x1, "x1"), check_images(x2, "x2")
+    map1, map2 = _check_maps(map1, name="map1"), _check_maps(map2, name="map2")
     if x1.ndim != 4 or x1.shape != x2.shape or map1.shape != map2.shape or map1.shape != (x1.shape[0], *x1.shape[-2:]):
         raise ValueError(f"need pairs x1, x2 [B, 3, H, W] and maps [B, H, W] for each, got {tuple(x1.shape)}, "
                          f"{tuple(x2.shape)}, {tuple(map1.shape)}, {tuple(map2.shape)}")
+    return x1, x2, map1, map2
+
+
+def _constant_pair_maps(map1: torch.Tensor, map2: torch.Tensor, mode: str, metric: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which maps of the pairs are constant (warning once per metric call): bool [B] for map1 and for map2
+    (map2 only in simultaneous mode: the conditional mode does not use it)."""
+    used = torch.cat([map1, map2]) if mode == "simultaneous" else map1
+    constant = warn_constant_maps(used, metric).cpu()
+    return constant[:len(map1)], (constant[len(map1):] if mode == "simultaneous" else torch.zeros_like(constant))
 
 
 def _pair_scores(similarity_fn: PairScoreFn, a: torch.Tensor, b: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), _models_in_eval_mode(similarity_fn):
         scores = torch.cat([similarity_fn(a[i:i + batch_size], b[i:i + batch_size]).float().cpu()
                             for i in range(0, len(a), batch_size)])
     if scores.shape != (len(a),):
@@ -299,18 +367,36 @@ def _pair_scores(similarity_fn: PairScoreFn, a: torch.Tensor, b: torch.Tensor, b
 def _pair_curve(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
                 map2: torch.Tensor, mode: str, steps: int, deletion: bool, baseline: str | float,
                 batch_size: int, blur_sigma: float | None = None) -> torch.Tensor:
-    _check_pair_maps(x1, x2, map1, map2, mode)
+    """Pair similarities while the most salient pixels are deleted (inserted): float [B, steps + 1].  A pair
+    with a constant map is scored with that map's pixels in random order, averaged over ``CHANCE_ORDERS``
+    orders (the other, non-constant map keeps its own order)."""
+    x1, x2, map1, map2 = _check_pair_maps(x1, x2, map1, map2, mode)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    constant1, constant2 = _constant_pair_maps(map1, map2, mode, f"pair {'deletion' if deletion else 'insertion'} AUC")
 
     def curve_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-        other = baseline_images(images, baseline, blur_sigma)
+        other = imageops.baseline_images(images, baseline, blur_sigma)
         start, end = (images, other) if deletion else (other, images)
         return _switched(saliency, steps, start, end).flatten(0, 1)
 
-    first = curve_images(x1, map1)
-    second = curve_images(x2, map2) if mode == "simultaneous" else x2.repeat_interleave(steps + 1, dim=0)
-    return _pair_scores(similarity_fn, first, second, batch_size).view(x1.shape[0], steps + 1)
+    def curves(x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
+        first = curve_images(x1, map1)
+        second = curve_images(x2, map2) if mode == "simultaneous" else x2.repeat_interleave(steps + 1, dim=0)
+        return _pair_scores(similarity_fn, first, second, batch_size).view(x1.shape[0], steps + 1)
+
+    curve = curves(x1, x2, map1, map2)
+    chance = constant1 | constant2
+    if chance.any():
+        index = chance.nonzero().squeeze(1).repeat_interleave(CHANCE_ORDERS - 1)
+        orders = _random_orders(2 * len(index), map1.shape[-2:]).to(map1.device).view(2, len(index), *map1.shape[-2:])
+        on_maps = index.to(map1.device)
+        random1 = torch.where(constant1.to(map1.device)[on_maps][:, None, None], orders[0], map1[on_maps])
+        random2 = torch.where(constant2.to(map2.device)[on_maps][:, None, None], orders[1], map2[on_maps])
+        on_images = index.to(x1.device)
+        extra = curves(x1[on_images], x2[on_images], random1, random2).view(-1, CHANCE_ORDERS - 1, steps + 1)
+        curve[chance] = (curve[chance] + extra.sum(1)) / CHANCE_ORDERS
+    return curve
 
 
 def pair_deletion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Tensor, map1: torch.Tensor,
@@ -328,7 +414,7 @@ def pair_deletion_auc(similarity_fn: PairScoreFn, x1: torch.Tensor, x2: torch.Te
             black, hence identical, and the curve climbs back to s = 1; the conditional mode has no such end
             point.
         blur_sigma: for ``baseline="blur"``: sigma in px; None (default): the reference code's 5 px at 224 px
-            scaled to the image (``scaled_blur_sigma``: 0.71 px at 32 px).
+            scaled to the image (``imageops.scaled_blur_sigma``: 0.71 px at 32 px).
     Returns:
         float [B].
     """
@@ -353,10 +439,12 @@ def pair_average_drop_increase(similarity_fn: PairScoreFn, x1: torch.Tensor, x2:
     Each map is scaled to [0, 1] and multiplies its image (x ⊙ E).  With Y = s(x1, x2) and O = s(x1 ⊙ E1,
     x2 ⊙ E2) ("simultaneous") or s(x1 ⊙ E1, x2) ("conditional"): drop = mean over pairs of max(0, Y − O) / Y
     × 100 (lower = better), increase = share of pairs with O > Y × 100 (higher = better).  Pairs with Y <= 0
-    (dissimilar pairs, for which a relative drop means nothing) are left out.
+    (dissimilar pairs, for which a relative drop means nothing) are left out.  A constant map
+    (``ConstantMapWarning``) is scored as chance, E = 1/2 at every pixel: an all-zero map no longer blacks out
+    both images (two black images are identical, so it used to score 0 % drop and 100 % increase).
     """
-    _check_pair_maps(x1, x2, map1, map2, mode)
-
+    x1, x2, map1, map2 = _check_pair_maps(x1, x2, map1, map2, mode)
+    _constant_pair_maps(map1, map2, mode, "pair Average Drop / Increase")
     full = _pair_scores(similarity_fn, x1, x2, batch_size)
     masked_second = x2 * _unit_range(map2)[:, None].to(x2) if mode == "simultaneous" else x2
     masked = _pair_scores(similarity_fn, x1 * _unit_range(map1)[:, None].to(x1), masked_second, batch_size)
@@ -369,11 +457,15 @@ def pair_average_drop_increase(similarity_fn: PairScoreFn, x1: torch.Tensor, x2:
 
 
 def _unit_range(maps: torch.Tensor) -> torch.Tensor:
-    """Each map [H, W] of [B, H, W] scaled to [0, 1] (a constant map becomes 0)."""
+    """Each map [H, W] of [B, H, W] scaled to [0, 1].  A constant map (all zeros, all ones: ``inputs.constant_maps``)
+    has no range to scale: it becomes ``CONSTANT_MAP_WEIGHT`` = 1/2 everywhere, the mean weight of a random map,
+    so all-zero and all-ones maps are scored alike and as chance (callers warn with ``ConstantMapWarning``)."""
     maps = maps.detach().float().cpu()
     low = maps.flatten(1).min(1).values[:, None, None]
     high = maps.flatten(1).max(1).values[:, None, None]
-    return (maps - low) / (high - low).clamp(min=1e-12)
+    scaled = (maps - low) / (high - low).clamp(min=1e-12)
+    constant = constant_maps(maps)[:, None, None]
+    return torch.where(constant, torch.full_like(scaled, CONSTANT_MAP_WEIGHT), scaled)
 
 
 def max_sensitivity(explain_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -394,7 +486,8 @@ def max_sensitivity(explain_fn: Callable[[torch.Tensor, torch.Tensor], tuple[tor
     Returns:
         float [B].
     """
-    if x1.ndim != 4 or x1.shape != x2.shape:
+    x1, x2 = check_images(x1, "x1"), check_images(x2, "x2")
+    if x1.shape != x2.shape:
         raise ValueError(f"need pairs x1, x2 [B, 3, H, W] of the same shape, got {tuple(x1.shape)}, {tuple(x2.shape)}")
     if radius <= 0 or samples < 1:
         raise ValueError(f"need radius > 0 and samples >= 1, got {radius} and {samples}")

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from course_utils.imageops import baseline_images, gaussian_blur, scaled_blur_sigma
 from course_utils.metrics import (
-    average_drop_increase, baseline_images, centre_prior, deletion_auc, gaussian_blur, insertion_auc, mask_iou,
-    model_randomisation, pointing_game, random_map, saliency_scores, scaled_blur_sigma,
+    average_drop_increase, centre_prior, deletion_auc, insertion_auc, mask_iou, model_randomisation, pointing_game,
+    random_map, saliency_scores,
 )
 
 

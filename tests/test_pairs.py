@@ -10,9 +10,8 @@ from course_utils.explain.pairs import (
     interaction_cam, invariance_map, invert, pairwise_occlusion, patch_masks, pixel_invariance, projection,
     random_erasing_masks,
 )
-from course_utils.metrics import (
-    gaussian_blur, max_sensitivity, pair_average_drop_increase, pair_deletion_auc, pair_insertion_auc,
-)
+from course_utils.imageops import gaussian_blur
+from course_utils.metrics import max_sensitivity, pair_average_drop_increase, pair_deletion_auc, pair_insertion_auc
 
 SIZE = 16
 
@@ -270,22 +269,22 @@ def _dot_similarity(a, b):
 
 def test_pair_deletion_and_insertion_auc_on_hand_built_curves():
     x1 = torch.zeros(1, 3, 1, 2)
-    x1[0, 0] = torch.tensor([[2.0, 1.0]])
+    x1[0, 0] = torch.tensor([[1.0, 0.5]])  # images lie in [0, 1]: the scores below are those of [[2, 1]], halved
     x2 = torch.ones(1, 3, 1, 2)
     good, bad = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])
     # conditional: x1 loses pixel (0,0) then (0,1); s = 3 -> 1 -> 0 (good order), 3 -> 2 -> 0 (bad)
     assert pair_deletion_auc(_dot_similarity, x1, x2, good, good, "conditional", steps=2).item() == pytest.approx(
-        (3 / 2 + 1 + 0 / 2) / 2)
+        0.5 * (3 / 2 + 1 + 0 / 2) / 2)
     assert pair_deletion_auc(_dot_similarity, x1, x2, bad, bad, "conditional", steps=2).item() == pytest.approx(
-        (3 / 2 + 2 + 0 / 2) / 2)
+        0.5 * (3 / 2 + 2 + 0 / 2) / 2)
     # simultaneous: x2 loses its pixels too, by its own map: s = 3 -> 1 (x2's pixel (0,0) gone with x1's) -> 0
     assert pair_deletion_auc(_dot_similarity, x1, x2, good, good, "simultaneous", steps=2).item() == pytest.approx(
-        (3 / 2 + 1 + 0) / 2)
+        0.5 * (3 / 2 + 1 + 0) / 2)
     assert pair_deletion_auc(_dot_similarity, x1, x2, good, bad, "simultaneous", steps=2).item() == pytest.approx(
-        (3 / 2 + 0 + 0) / 2)  # x2 deletes pixel (0,1) first: both products vanish after one step
+        0.5 * (3 / 2 + 0 + 0) / 2)  # x2 deletes pixel (0,1) first: both products vanish after one step
     # insertion into a zero baseline mirrors deletion
     assert pair_insertion_auc(_dot_similarity, x1, x2, good, good, "conditional", steps=2,
-                              baseline=0.0).item() == pytest.approx((0 / 2 + 2 + 3 / 2) / 2)
+                              baseline=0.0).item() == pytest.approx(0.5 * (0 / 2 + 2 + 3 / 2) / 2)
     with pytest.raises(ValueError, match="mode"):
         pair_deletion_auc(_dot_similarity, x1, x2, good, good, "both")
 
@@ -293,12 +292,13 @@ def test_pair_deletion_and_insertion_auc_on_hand_built_curves():
 def test_pair_average_drop_and_increase_on_hand_built_pairs():
     x = torch.ones(2, 3, 1, 2)
     x2 = torch.ones(2, 3, 1, 2)
-    maps = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # the second map is constant: scaled to 0 everywhere
-    drop, increase = pair_average_drop_increase(_dot_similarity, x, x2, maps, torch.ones(2, 1, 2), "conditional")
-    # Y = 2 for both; O = 1 (half kept) and 0 (nothing kept): drops 0.5 and 1.0
-    assert drop == pytest.approx(75.0) and increase == 0.0
+    maps = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # the second map is constant: chance, E = 1/2 everywhere
+    with pytest.warns(UserWarning, match="constant"):
+        drop, increase = pair_average_drop_increase(_dot_similarity, x, x2, maps, torch.ones(2, 1, 2), "conditional")
+    # Y = 2 for both; O = 1 (half kept) and 1 (every pixel at weight 1/2): drops 0.5 and 0.5
+    assert drop == pytest.approx(50.0) and increase == 0.0
     with pytest.raises(ValueError, match="positive similarity"):
-        pair_average_drop_increase(_dot_similarity, -x, x2, maps, maps, "simultaneous")
+        pair_average_drop_increase(lambda a, b: -_dot_similarity(a, b), x, x2, maps, maps, "simultaneous")
 
 
 def test_max_sensitivity_is_zero_for_a_constant_explainer_and_matches_a_loop():
