@@ -3,15 +3,18 @@
 Every model takes float images in [0, 1] of shape [B, 3, H, W]; the input normalisation is a
 layer inside the model (``Normalize``), so explainability methods can perturb raw pixels.
 Checkpoints hold only tensors and plain python values (loaded with ``weights_only=True``), are
-written atomically, and are verified against ``SHA256SUMS`` beside them when listed there.
+written atomically, and are verified against ``SHA256SUMS`` beside them when listed there (an
+``UnverifiedCheckpointWarning`` says when a loaded file is not listed; see ``load_verified``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import platform
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +25,7 @@ import torchvision
 from torch import nn
 
 import course_utils
+from course_utils.inputs import check_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,10 +138,12 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] images in [0, 1] -> [B, out_dim] features."""
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected images [B, 3, H, W] in [0, 1], got shape {shape}")
+        """[B, 3, H, W] images in [0, 1] -> [B, out_dim] features.
+
+        The images pass the course's input guard (``inputs.check_images``): uint8, 0–255 or normalised
+        values, NaN/inf, a wrong shape or an empty batch raise ``ValueError``; float64 images are converted
+        to the model's dtype and device."""
+        x = check_images(x, "images", like=self)
         x = self.stem(self.normalize(x))
         return self.pool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
 
@@ -232,6 +238,13 @@ def save_checkpoint(model: SimCLRModel, path: str | Path, **metadata: Any) -> No
     atomic_write(Path(path), lambda f: torch.save(ckpt, f))
 
 
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint was loaded that is not listed in the ``SHA256SUMS`` beside it: its checksum was not verified."""
+
+
+_UNREGISTERED = ("warn", "error", "allow")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -259,32 +272,92 @@ def _read_checksums(directory: Path) -> dict[str, str]:
 def verify_checksum(path: str | Path) -> str:
     """The file's sha256, checked against its line in the ``SHA256SUMS`` beside it (if it has one).
 
+    A file without a line passes silently (the digest serves as a cache key, e.g. in ``study``); to
+    load a checkpoint use ``load_verified``/``load_checkpoint``, which check the bytes they load.
+
     Raises:
         ValueError: the file does not match its registered checksum, with how to restore it.
     """
     path = Path(path)
     digest = _sha256(path)
+    _check_digest(path, digest, "allow")
+    return digest
+
+
+def _check_digest(path: Path, digest: str, unregistered: str) -> None:
+    """Compare ``digest`` with the line of ``path`` in the ``SHA256SUMS`` beside it.
+
+    A mismatch always raises ValueError; a file without a line warns, raises or passes by ``unregistered``.
+    """
+    if unregistered not in _UNREGISTERED:
+        raise ValueError(f"unregistered must be one of {_UNREGISTERED}, got {unregistered!r}")
     expected = _read_checksums(path.parent).get(path.name)
     if expected is not None and digest != expected:
         raise ValueError(
             f"checksum mismatch for {path}: the file was modified or is incomplete (e.g. a Git LFS pointer "
             f"or an interrupted download). Restore it with `git checkout -- {path}` (after `git lfs pull` if "
             f"it is stored with Git LFS) or retrain it with `python -m course_utils.train`.")
-    return digest
+    if expected is None and unregistered != "allow":
+        message = (f"{path} is not registered in {path.parent / CHECKSUM_FILE}, so its checksum is not verified; "
+                   f"load only files you trust (register one with course_utils.models.write_checksum)")
+        if unregistered == "error":
+            raise ValueError(f"{message}; refused because unregistered='error'")
+        warnings.warn(f"{message}; pass unregistered='allow' to load your own files silently",
+                      UnverifiedCheckpointWarning, stacklevel=4)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SimCLRModel:
-    """Verify (checksum, format, architecture) and load a checkpoint; returns the model in eval mode."""
+def load_verified(path: str | Path, map_location: str | torch.device = "cpu", unregistered: str = "warn",
+                  kind: str = "checkpoint") -> tuple[Any, str]:
+    """Read a checkpoint file once, verify its sha256, and ``torch.load`` it from those same bytes.
+
+    The one reader of checkpoint files (``load_checkpoint``, ``vlm.load_toy_clip``): the checksum is taken
+    of exactly the bytes that are unpickled (no window in which the file could change between check and
+    load), and they are loaded with ``weights_only=True`` (tensors and plain python values only).
+
+    Args:
+        path: the file.
+        map_location: passed to ``torch.load``.
+        unregistered: what to do when the file has no line in the ``SHA256SUMS`` beside it: "warn"
+            (default; an ``UnverifiedCheckpointWarning``), "error" (ValueError) or "allow" (silently).
+        kind: what the file is, for error messages (e.g. "toy CLIP checkpoint").
+
+    Returns:
+        (the loaded object, the file's sha256 hex digest).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: checksum mismatch with the registered sum; unregistered file with ``unregistered="error"``;
+            a file that ``weights_only`` loading cannot read (corrupt, a Git LFS pointer, pickled objects).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    verify_checksum(path)
+        raise FileNotFoundError(f"{kind} not found: {path}")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    _check_digest(path, digest, unregistered)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"could not read checkpoint {path}: file is corrupt or not a checkpoint (e.g. a Git LFS "
+        raise ValueError(f"could not read {kind} {path}: file is corrupt or not a {kind} (e.g. a Git LFS "
                          f"pointer, an interrupted download, or pickled objects other than tensors and plain "
                          f"python values, which weights_only loading refuses; {type(exc).__name__})") from exc
+    return obj, digest
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    unregistered: str = "warn") -> SimCLRModel:
+    """Verify (checksum, format, architecture) and load a checkpoint; returns the model in eval mode.
+
+    Args:
+        path: a file written by ``save_checkpoint``.
+        map_location: device of the returned model.
+        unregistered: a file without a line in the ``SHA256SUMS`` beside it cannot be verified:
+            "warn" (default) loads it with an ``UnverifiedCheckpointWarning``, "error" raises ValueError,
+            "allow" loads it silently (for files you wrote yourself). A registered file whose checksum
+            does not match always raises ValueError.
+    """
+    ckpt, _ = load_verified(path, map_location, unregistered)
+    path = Path(path)
     keys = set(ckpt) if isinstance(ckpt, dict) else set()
     if not {"format", "config", "state_dict"} <= keys or ckpt["format"] != CHECKPOINT_FORMAT:
         found = f"format {ckpt.get('format')!r}, keys {sorted(map(str, keys))}" if keys else type(ckpt).__name__
@@ -332,7 +405,7 @@ def load_pretrained(name: str, directory: str | Path | None = None) -> SimCLRMod
     if not path.is_file():
         raise FileNotFoundError(f"{path} is listed in {CHECKSUM_FILE} but missing; restore it with "
                                 f"`git checkout -- {path}` or {_TRAIN_HINT}")
-    return load_checkpoint(path)
+    return load_checkpoint(path, unregistered="error")
 
 
 def write_checksum(path: str | Path) -> None:

@@ -33,8 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.data.captions import describe
-from course_utils.models import atomic_write, resnet, verify_checksum
-from course_utils.runtime import autocast, get_device
+from course_utils.inputs import check_images
+from course_utils.models import atomic_write, load_verified, resnet
+from course_utils.runtime import autocast, eval_mode, get_device
 
 TOY_CLIP_FORMAT = "course-toyclip-v1"
 _WORD = re.compile(r"[a-z]+")
@@ -138,19 +139,15 @@ class ToyCLIP(nn.Module):
     def _encode(self, features: Callable[[Any], torch.Tensor], items: Any, batch_size: int) -> torch.Tensor:
         """``features`` of ``items`` in batches, in eval mode (restored afterwards), without gradient:
         L2-normalised float32 [len(items), dim] on the CPU."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                out = [F.normalize(features(items[start:start + batch_size]).float(), dim=1).cpu()
-                       for start in range(0, len(items), batch_size)]
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.no_grad():
+            out = [F.normalize(features(items[start:start + batch_size]).float(), dim=1).cpu()
+                   for start in range(0, len(items), batch_size)]
         return torch.cat(out)
 
     def encode_images(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """L2-normalised image embeddings float32 [B, dim] on the CPU; images [B, 3, H, W] in [0, 1]."""
-        _check_images(images)
+        """L2-normalised image embeddings float32 [B, dim] on the CPU; images [B, 3, H, W] in [0, 1]
+        (``inputs.check_images``: uint8, 0–255 values, NaN/inf or an empty batch raise ``ValueError``)."""
+        images = check_images(images, "images")
 
         def features(x: torch.Tensor) -> torch.Tensor:
             with autocast(self.device):
@@ -160,13 +157,6 @@ class ToyCLIP(nn.Module):
     def encode_texts(self, texts: Sequence[str], batch_size: int = 2048) -> torch.Tensor:
         """L2-normalised text embeddings float32 [T, dim] on the CPU."""
         return self._encode(self.text_features, _check_texts(texts), batch_size)
-
-
-def _check_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"encode_images expects images [B, 3, H, W], got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be float in [0, 1], got {images.dtype}; convert uint8 with x.float() / 255")
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -279,17 +269,21 @@ def save_toy_clip(model: ToyCLIP, path: str | Path, **metadata) -> None:
     atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
-def load_toy_clip(path: str | Path, map_location: str | torch.device = "cpu") -> ToyCLIP:
-    """Load a toy CLIP checkpoint (checksum-verified when registered in SHA256SUMS beside it)."""
+def load_toy_clip(path: str | Path, map_location: str | torch.device = "cpu", unregistered: str = "warn") -> ToyCLIP:
+    """Load a toy CLIP checkpoint, read once and checksum-verified by ``models.load_verified``.
+
+    Args:
+        path: a file written by ``save_toy_clip``.
+        map_location: device of the returned model.
+        unregistered: a file without a line in the ``SHA256SUMS`` beside it: "warn" (default, an
+            ``UnverifiedCheckpointWarning``), "error" (ValueError) or "allow". A registered file whose
+            checksum does not match always raises ValueError.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"toy CLIP checkpoint not found: {path}; train it with "
                                 "`python -m course_utils.train --preset shapes-clip --commit`")
-    digest = verify_checksum(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"could not read {path}: not a toy CLIP checkpoint ({type(exc).__name__})") from exc
+    state, digest = load_verified(path, map_location, unregistered, kind="toy CLIP checkpoint")
     if not isinstance(state, dict) or state.get("format") != TOY_CLIP_FORMAT:
         raise ValueError(f"{path} is not a {TOY_CLIP_FORMAT!r} checkpoint")
     model = ToyCLIP(Vocabulary(state["vocabulary"]), **state["config"])
@@ -346,7 +340,7 @@ class OpenCLIP:
     def encode_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """L2-normalised embeddings float32 [B, d] on the CPU; images resized (bicubic) to the model's input
         size and normalised with CLIP's mean and std."""
-        _check_images(images)
+        images = check_images(images, "images")
         out = []
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
@@ -372,7 +366,10 @@ class OpenCLIP:
 # ---------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "data" / "cache" / "text_embeddings"
+    """``<data root>/text_embeddings``: the data layer's root (``$COURSE_DATA_ROOT`` or ``<repo>/data/cache``)."""
+    from course_utils.data.datasets import default_data_root
+
+    return default_data_root() / "text_embeddings"
 
 
 def caption_embeddings(model: VisionLanguageModel, captions: Sequence[str], cache_dir: str | Path | None = None,

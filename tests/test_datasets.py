@@ -23,14 +23,8 @@ from course_utils.data.shapes import ShapesWorld
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-
-@pytest.fixture(autouse=True)
-def isolated_data_root(tmp_path_factory, monkeypatch):
-    """Every test sees an empty COURSE_DATA_ROOT and no Debian Fashion-MNIST folder (outside its tmp_path)."""
-    empty = tmp_path_factory.mktemp("empty_data_root")
-    monkeypatch.setenv("COURSE_DATA_ROOT", str(empty))
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", empty / "no_debian_package")
-    return empty
+# Every test sees an empty COURSE_DATA_ROOT and no Debian Fashion-MNIST folder (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated_data_root")
 
 
 # --------------------------------------------------------------------------

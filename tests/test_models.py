@@ -110,7 +110,7 @@ def test_bad_arguments_raise_helpful_value_errors() -> None:
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 32, 32, 3)])
 def test_bad_input_shape_raises_value_error(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match=r"expected images \[B, 3, H, W\] in \[0, 1\], got shape"):
+    with pytest.raises(ValueError, match=r"images must be RGB images \[B, 3, H, W\] in \[0, 1\], got \("):
         resnet(10, 4)(torch.rand(shape))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import math
 import os
 import pickle
 import zlib
@@ -54,6 +55,25 @@ DATASET_SPLITS: dict[str, tuple[str, ...]] = {
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 _READ_CHUNK = 1 << 22  # bytes read at once from an idx file
+#: Largest idx data accepted (bytes); Fashion-MNIST's largest file holds 47 MB.  Checked before allocating.
+_IDX_MAX_BYTES = 1 << 30
+#: Deflate expands at most ~1032-fold, so a .gz idx file cannot hold more data than this times its size.
+_GZIP_MAX_RATIO = 1100
+_IDX_FIX = (
+    "re-install it (sudo apt-get install --reinstall dataset-fashion-mnist, for the Debian package's files) "
+    'or delete it and download it again (load_dataset("fashion-mnist", download=True))'
+)
+#: The only globals a CIFAR-10 python pickle may name: numpy's ndarray reconstruction (numpy 1 and 2
+#: spellings) and the latin-1 encoding Python 3 uses for bytes in protocol-2 pickles.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+})
+_CIFAR_FIX = 'delete it and extract cifar-10-python.tar.gz again (or load_dataset("cifar10", download=True))'
+_STL_NAMES_MAX_BYTES = 1 << 16  # class_names.txt of STL-10 has 10 short lines
 _STL_SIDE = 96
 _STL_IMAGE_BYTES = 3 * _STL_SIDE * _STL_SIDE
 _STL_CHUNK = 2048  # STL-10 images transposed at once
@@ -164,7 +184,10 @@ def load_dataset(
         ``ShapesWorld`` for "shapes*", else ``ImageTensorDataset``.
 
     Raises:
-        ValueError: unknown name, split or option value; malformed files.
+        ValueError: unknown name, split or option value; malformed files (the message names the
+            file and how to replace it), e.g. a truncated idx file or one whose header announces
+            more data than it holds, a CIFAR-10 pickle naming anything but numpy arrays (refused
+            unread: it could run code), a binary STL-10 class_names.txt.
         TypeError: unknown options.
         FileNotFoundError: the files are missing (the message lists the folders
             searched and how to get the data).
@@ -342,22 +365,53 @@ def _download(name: str, target: Path) -> None:
 # --------------------------------------------------------------------------
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read an idx file of unsigned bytes (plain or gzipped): uint8 array with the dims of its header."""
+    """Read an idx file of unsigned bytes (plain or gzipped): uint8 array with the dims of its header.
+
+    The header is checked before any memory is allocated: the magic number (data type and number of
+    dims), the product of the dims against ``_IDX_MAX_BYTES`` and against the file size (exactly for a
+    plain file; for a .gz file against the most its compressed size can expand to).
+
+    Raises:
+        ValueError: wrong magic number, absurd or inconsistent header, truncated or oversized data, a
+            corrupt gzip file; the message names the file and how to replace it.
+    """
     kind = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
-    opener = gzip.open if path.suffix == ".gz" else open
+    gzipped = path.suffix == ".gz"
+    opener = gzip.open if gzipped else open
     try:
         with opener(path, "rb") as f:
             head = f.read(4)
             found = int.from_bytes(head, "big")
             if len(head) < 4 or found != magic:
                 raise ValueError(
-                    f"{path} is not an idx {kind} file: magic number {found}, expected {magic}."
+                    f"{path} is not an idx {kind} file: magic number {found}, expected {magic}; {_IDX_FIX}."
                 )
             ndim = magic & 0xFF
             dims_bytes = f.read(4 * ndim)
             if len(dims_bytes) < 4 * ndim:
-                raise ValueError(f"{path} is truncated: its header ends after {4 + len(dims_bytes)} bytes.")
+                raise ValueError(
+                    f"{path} is truncated: its header ends after {4 + len(dims_bytes)} bytes; {_IDX_FIX}."
+                )
             dims = tuple(int(d) for d in np.frombuffer(dims_bytes, ">u4"))
+            n_bytes = math.prod(dims)
+            if n_bytes > _IDX_MAX_BYTES:
+                raise ValueError(
+                    f"{path} has an absurd header: dims {dims} announce {n_bytes} bytes of data, more than the "
+                    f"{_IDX_MAX_BYTES} this reader accepts (Fashion-MNIST needs 47 MB); the file is corrupt or "
+                    f"not Fashion-MNIST: {_IDX_FIX}."
+                )
+            file_bytes, expected = path.stat().st_size, 4 + 4 * ndim + n_bytes
+            if not gzipped and file_bytes != expected:
+                problem = "is truncated" if file_bytes < expected else "has more data than its header announces"
+                raise ValueError(
+                    f"{path} {problem}: its header (dims {dims}) announces {expected} bytes, the file has "
+                    f"{file_bytes}; {_IDX_FIX}."
+                )
+            if gzipped and n_bytes > _GZIP_MAX_RATIO * file_bytes:
+                raise ValueError(
+                    f"{path} is truncated: its header (dims {dims}) announces {n_bytes} bytes of data, more than "
+                    f"{file_bytes} gzipped bytes can hold; {_IDX_FIX}."
+                )
             data = np.empty(dims, np.uint8)
             view = memoryview(data.reshape(-1))
             filled = 0
@@ -366,13 +420,13 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
                 if not count:
                     raise ValueError(
                         f"{path} is truncated: its header announces {len(view)} bytes of data "
-                        f"(dims {dims}), found {filled}."
+                        f"(dims {dims}), found {filled}; {_IDX_FIX}."
                     )
                 filled += count
             if f.read(1):
-                raise ValueError(f"{path} has more data than its header announces (dims {dims}).")
+                raise ValueError(f"{path} has more data than its header announces (dims {dims}); {_IDX_FIX}.")
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise ValueError(f"{path} is a corrupt gzip file: {error}") from error
+        raise ValueError(f"{path} is a corrupt gzip file: {error}; {_IDX_FIX}.") from error
     return data
 
 
@@ -402,13 +456,58 @@ def _read_fashion_mnist(folder: Path, files: list[Path], split: str, size: int |
 # CIFAR-10: python pickles
 # --------------------------------------------------------------------------
 
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10 python batches that builds nothing but their plain structure.
+
+    The official files hold dicts, lists, bytes, ints and uint8 numpy arrays.  ``find_class`` lets
+    through only ``_CIFAR_PICKLE_GLOBALS`` (numpy's array reconstruction, non-object dtypes, latin-1
+    bytes); any other global, e.g. ``os.system`` in a crafted file, raises ValueError naming the
+    file and the global before anything is called.
+    """
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="bytes")  # written by Python 2: str -> bytes
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise ValueError(
+                f"{self.path} is not a plain CIFAR-10 pickle: it names the global {module}.{name}, which a "
+                f"CIFAR-10 batch never contains (refused: unpickling it could run code); {_CIFAR_FIX}."
+            )
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_encode
+        if (module, name) == ("numpy", "dtype"):
+            return self._plain_dtype
+        return super().find_class(module, name)
+
+    def _latin1_encode(self, text, encoding="utf-8", errors="strict") -> bytes:
+        """``_codecs.encode`` as Python 3 pickles bytes at protocol 2; only latin-1 of a str."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+            raise ValueError(
+                f"{self.path} is not a plain CIFAR-10 pickle: unexpected _codecs.encode call; {_CIFAR_FIX}."
+            )
+        return text.encode("latin-1")
+
+    def _plain_dtype(self, *args) -> np.dtype:
+        """``numpy.dtype``, refusing object dtypes (arrays of arbitrary python objects)."""
+        dtype = np.dtype(*args)
+        if dtype.hasobject:
+            raise ValueError(f"{self.path} is not a plain CIFAR-10 pickle: it holds an object array; {_CIFAR_FIX}.")
+        return dtype
+
+
 def _unpickle(path: Path) -> dict:
-    """A CIFAR pickle (written by Python 2, hence the bytes keys) as a dict."""
+    """A CIFAR pickle (written by Python 2, hence the bytes keys) as a dict, read with ``_CifarUnpickler``.
+
+    Raises:
+        ValueError: the file names a forbidden global, or is not a readable CIFAR-10 pickle.
+    """
     try:
         with open(path, "rb") as f:
-            content = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable CIFAR-10 pickle: {error}") from error
+            content = _CifarUnpickler(f, path).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise ValueError(f"{path} is not a readable CIFAR-10 pickle: {error}; {_CIFAR_FIX}.") from error
     if not isinstance(content, dict):
         raise ValueError(f"{path} is not a CIFAR-10 pickle: it holds a {type(content).__name__}, not a dict.")
     return content
@@ -462,7 +561,7 @@ def _read_stl10(folder: Path, files: list[Path], split: str, size: int | None) -
             chunk = np.fromfile(f, np.uint8, count=count * _STL_IMAGE_BYTES)
             chunk = chunk.reshape(count, 3, _STL_SIDE, _STL_SIDE)
             images[start:start + count] = torch.from_numpy(chunk).transpose(2, 3)
-    classes = [line.strip() for line in names_path.read_text().splitlines() if line.strip()]
+    classes = _read_class_names(names_path)
     if y_paths:
         y = np.fromfile(y_paths[0], np.uint8)
         if y.shape[0] != n:
@@ -481,6 +580,33 @@ def _read_stl10(folder: Path, files: list[Path], split: str, size: int | None) -
         split=split,
         source=f"STL-10 {split} from {folder} ({', '.join(p.name for p in files)}){note}",
     )
+
+
+def _read_class_names(path: Path) -> list[str]:
+    """STL-10's class_names.txt: one printable UTF-8 name per line (at most ``_STL_NAMES_MAX_BYTES``).
+
+    Raises:
+        ValueError: the file is too large, not UTF-8 text, holds control characters or no names.
+    """
+    fix = 'delete stl10_binary and extract stl10_binary.tar.gz again (or load_dataset("stl10", download=True))'
+    size = path.stat().st_size
+    if size > _STL_NAMES_MAX_BYTES:
+        raise ValueError(f"{path} has {size} bytes; STL-10's class_names.txt is a short text file "
+                         f"(at most {_STL_NAMES_MAX_BYTES} bytes accepted): {fix}.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not a text file (not UTF-8: {error.reason} at byte {error.start}): {fix}."
+        ) from error
+    classes = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = next((name for name in classes if not name.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{path} is not a text file of class names (it holds control characters, e.g. in "
+                         f"{bad[:20]!r}): {fix}.")
+    if not classes:
+        raise ValueError(f"{path} holds no class names: {fix}.")
+    return classes
 
 
 # --------------------------------------------------------------------------
