@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.data.augment import SimCLRAugment
-from course_utils.models import SimCLRModel, atomic_write, build_model, save_checkpoint
+from course_utils.models import SimCLRModel, build_model, save_checkpoint
 from course_utils.runtime import autocast, eval_mode, get_device
 
 
@@ -120,6 +120,60 @@ def _dataset_images(dataset: Any) -> torch.Tensor:
     return images
 
 
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "history", "epoch", "config")
+
+
+class TrainingStateError(ValueError):
+    """A training-state file that cannot be read: truncated (killed while copying), corrupt or foreign."""
+
+
+def read_training_state(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a training-state file written by ``train_simclr(checkpoint=...)``.
+
+    Returns:
+        the state dict (model, optimizer, scheduler, history, epoch (0-based, last finished), config,
+        metadata, run).
+    Raises:
+        FileNotFoundError if it does not exist; TrainingStateError (a ValueError) naming the file when
+        it is truncated, corrupt or not a training state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged zip
+        raise TrainingStateError(f"the training state {path} is truncated or corrupt and cannot be read "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                                 ) from error
+    missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainingStateError(f"{path} is not a training state of train_simclr (missing {', '.join(missing)})")
+    return state
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically write a training state: ``<path>.tmp`` first, then ``os.replace``.
+
+    A temp file left behind by a save that was killed (``<path>.tmp``, or ``.<name>.*.tmp`` of older
+    versions) is removed first, so interrupted runs do not accumulate half-written copies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    for stale in [tmp, *path.parent.glob(f".{path.name}.*.tmp")]:
+        stale.unlink(missing_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def train_simclr(
     model: SimCLRModel,
     dataset: Any,
@@ -197,7 +251,7 @@ def train_simclr(
            "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr, "temperature": temperature}
     history, start_epoch = TrainHistory(), 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = read_training_state(checkpoint, map_location=device)
         stored = state.get("run", {})
         different = {k: (stored.get(k), v) for k, v in run.items() if stored.get(k) != v}
         if different:
@@ -255,7 +309,7 @@ def train_simclr(
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "history": history.as_dict(), "epoch": epoch,
                      "config": model.config, "metadata": metadata or {}, "run": run}
-            atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
+            save_training_state(checkpoint, state)
         if callback is not None:
             callback(epoch + 1, history)
     model.to(memory_format=torch.contiguous_format)
@@ -264,7 +318,7 @@ def train_simclr(
 
 def export_checkpoint(training_state: str | Path, path: str | Path, **metadata: Any) -> None:
     """Turn a training-state file into a course checkpoint (model + metadata only)."""
-    state = torch.load(training_state, map_location="cpu", weights_only=True)
+    state = read_training_state(training_state)
     model = build_model(state["config"])
     model.load_state_dict(state["model"])
     save_checkpoint(model, path, **{**state["metadata"], "history": state["history"], **metadata})

@@ -8,6 +8,12 @@ held-out data, next to a random-init encoder of the same architecture and raw
 pixels.  ``--commit`` writes into ``data/checkpoints`` and registers the sha256.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP).
 
+The training state lives in ``<data root>/train/<preset>.<key>.state.pt``, where ``key`` hashes the
+settings that define the run (preset, epochs, seed, data, encoder, batch, ...), so runs with other
+settings never overwrite it.  A run whose state exists refuses to start without ``--resume`` (continue
+it) or ``--restart`` (discard it); Ctrl-C prints the command that resumes; the state is removed once
+the checkpoint is written.
+
 ``--preset shapes-clip`` trains the offline toy CLIP of FALCON (``course_utils.vlm``) on ShapesWorld
 image-caption pairs instead, and reports its zero-shot accuracy per attribute; it is committed to
 ``data/checkpoints/vlm/``.
@@ -16,10 +22,12 @@ image-caption pairs instead, and reports its zero-shot accuracy per attribute; i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +41,11 @@ from course_utils.data.datasets import ImageTensorDataset, default_data_root, lo
 from course_utils.models import SimCLRModel, atomic_write, checkpoint_dir, resnet, write_checksum
 from course_utils.runtime import get_device, seed_everything
 from course_utils.simclr import (
-    export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features, supervised_accuracy,
-    train_simclr,
+    TrainingStateError, export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features,
+    read_training_state, supervised_accuracy, train_simclr,
 )
+
+PROGRAM = "python -m course_utils.train"
 
 
 @dataclass(frozen=True)
@@ -195,29 +205,128 @@ def _supervised_reference(preset: Preset, data: Any, args: argparse.Namespace, o
     return result
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--epochs 0`` must not mean "the preset's epochs")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def _is_flag(token: str, *flags: str) -> bool:
+    """Whether a command-line token is one of ``flags`` or an abbreviation of one that argparse accepts."""
+    return len(token) > 4 and any(flag.startswith(token) for flag in flags)
+
+
+def run_settings(preset: Preset, epochs: int, seed: int) -> dict[str, Any]:
+    """The settings that define a SimCLR run: runs that differ in any of them keep separate states."""
+    def plain(options: dict[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+    return {"preset": preset.name, "data": preset.data, "data_options": plain(preset.data_options),
+            "depth": preset.depth, "width": preset.width, "small_input": preset.small_input,
+            "augment": plain(preset.augment), "epochs": epochs, "batch_size": preset.batch_size,
+            "lr": preset.lr, "temperature": preset.temperature, "seed": seed}
+
+
+def state_path(preset: Preset, epochs: int, seed: int) -> Path:
+    """``<data root>/train/<preset>.<key>.state.pt``, key = a short hash of ``run_settings``."""
+    settings = json.dumps(run_settings(preset, epochs, seed), sort_keys=True, default=list)
+    key = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    return default_data_root() / "train" / f"{preset.name}.{key}.state.pt"
+
+
+def _check_writable(folder: Path, what: str) -> str | None:
+    """None if files can be created in ``folder`` (made if missing), else why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        return f"cannot write to {what} {folder} ({error.strerror or error})"
+    return None
+
+
+def _adopt_legacy_state(state_file: Path, preset: Preset, epochs: int, seed: int) -> None:
+    """Rename a state of the older per-preset layout (``<preset>.state.pt``) to ``state_file`` if it was
+    written by a run with the same settings."""
+    legacy = state_file.parent / f"{preset.name}.state.pt"
+    if state_file.exists() or not legacy.is_file():
+        return
+    try:
+        stored = read_training_state(legacy).get("metadata", {})
+    except (TrainingStateError, OSError):
+        return
+    settings = run_settings(preset, epochs, seed)
+    if all(stored.get(k) == settings[k] for k in ("preset", "data", "data_options", "augment", "epochs",
+                                                   "batch_size", "lr", "temperature", "seed")):
+        os.replace(legacy, state_file)
+        print(f"moved the training state {legacy} of this run to {state_file}", flush=True)
+
+
+def _epochs_done(state_file: Path, args: argparse.Namespace, epochs: int, command: str) -> int:
+    """Check the run's training state against --resume / --restart: the number of finished epochs to
+    continue after, or SystemExit with the command that resumes or restarts."""
+    if args.restart:
+        return 0
+    if not state_file.is_file():
+        if args.resume:
+            raise SystemExit(f"error: --resume: there is no training state for this run ({state_file} does not "
+                             f"exist), so there is nothing to resume. Start the run with:\n  {command}")
+        return 0
+    try:
+        done = int(read_training_state(state_file)["epoch"]) + 1
+    except TrainingStateError as error:
+        raise SystemExit(f"error: {error}. Discard it and start this run over with:\n  {command} --restart"
+                         ) from None
+    if not args.resume:
+        status = (f"it holds epoch {done} of {epochs}" if done < epochs else
+                  f"training finished ({done} epochs) but the checkpoint was not written")
+        raise SystemExit(f"error: this run has an unfinished training state, {state_file} ({status}). "
+                         f"Continue it with:\n  {command} --resume\nor discard it and start over with:\n"
+                         f"  {command} --restart")
+    return done
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS) + sorted(CLIP_PRESETS))
-    parser.add_argument("--epochs", type=int, help="override the preset's epochs")
+    parser.add_argument("--epochs", type=_positive_int, help="override the preset's epochs")
     parser.add_argument("--out", type=Path, help="output folder (default data/cache/checkpoints)")
     parser.add_argument("--commit", action="store_true", help="write into data/checkpoints and register the sha256")
-    parser.add_argument("--resume", action="store_true", help="continue from the training-state file")
+    state = parser.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true",
+                       help="continue this run (same preset and settings) from its training-state file")
+    state.add_argument("--restart", action="store_true",
+                       help="discard this run's training-state file and start over")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snapshots", type=int, nargs="*", default=[], metavar="EPOCH",
+    parser.add_argument("--snapshots", type=_positive_int, nargs="*", default=[], metavar="EPOCH",
                         help="also save the encoder after these epochs (<out>/<name>.epochN.pt), for calibration")
-    parser.add_argument("--supervised", type=int, metavar="EPOCHS",
+    parser.add_argument("--supervised", type=_positive_int, metavar="EPOCHS",
                         help="instead of SimCLR, train the supervised reference (same encoder, labels, "
                              "cross-entropy) for EPOCHS and write <out>/<name>.supervised.json")
     args = parser.parse_args(argv)
-    command = "python -m course_utils.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    # the command that reproduces the run; --resume / --restart are how it is run, not what it trains
+    tokens = [a for a in (argv if argv is not None else sys.argv[1:]) if not _is_flag(a, "--resume", "--restart")]
+    command = PROGRAM + " " + " ".join(shlex.quote(a) for a in tokens)
     if args.preset in CLIP_PRESETS:
-        if args.supervised is not None or args.snapshots or args.resume:
-            parser.error("--supervised, --snapshots and --resume apply to SimCLR presets only")
+        if args.supervised is not None or args.snapshots or args.resume or args.restart:
+            parser.error("--supervised, --snapshots, --resume and --restart apply to SimCLR presets only")
         clip_preset = CLIP_PRESETS[args.preset]
+        problem = _check_writable(checkpoint_dir() / "vlm" if args.commit else
+                                  (args.out or default_data_root() / "checkpoints"), "the output folder")
+        if problem:
+            parser.error(f"{problem}; choose a writable --out")
         seed_everything(args.seed)
-        return _train_clip(clip_preset, args.epochs or clip_preset.epochs, args, get_device(), command)
+        return _train_clip(clip_preset, args.epochs if args.epochs is not None else clip_preset.epochs, args,
+                           get_device(), command)
+    if args.supervised is not None and (args.resume or args.restart):
+        parser.error("--resume and --restart apply to SimCLR training, not to --supervised")
     preset = PRESETS[args.preset]
-    epochs = args.epochs or preset.epochs
+    epochs = args.epochs if args.epochs is not None else preset.epochs
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = get_device()
@@ -229,12 +338,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rank = dist.get_rank() if distributed else 0
     seed_everything(args.seed)
     out = checkpoint_dir() if args.commit else (args.out or default_data_root() / "checkpoints")
-    state_file = default_data_root() / "train" / f"{preset.name}.state.pt"
-    data = _data(preset, "train")
+    problem = _check_writable(out, "the output folder")  # before hours of training, not after
+    if problem:
+        parser.error(f"{problem}; choose a writable --out")
     if args.supervised is not None:
-        if args.supervised < 1 or distributed:
-            parser.error("--supervised needs EPOCHS >= 1 and a single process (it does not use torchrun)")
-        return _supervised_reference(preset, data, args, out, device, command)
+        if distributed:
+            parser.error("--supervised needs a single process (it does not use torchrun)")
+        return _supervised_reference(preset, _data(preset, "train"), args, out, device, command)
+    state_file = state_path(preset, epochs, args.seed)
+    problem = _check_writable(state_file.parent, "the training-state folder")
+    if problem:
+        raise SystemExit(f"error: {problem}; set COURSE_DATA_ROOT to a writable folder")
+    if args.resume and not distributed:
+        _adopt_legacy_state(state_file, preset, epochs, args.seed)
+    epochs_done = _epochs_done(state_file, args, epochs, command)
+    if args.restart and rank == 0:
+        for stale in (state_file, state_file.with_name(state_file.name + ".tmp")):
+            if stale.exists():
+                stale.unlink()
+                print(f"--restart: removed {stale}", flush=True)
+    if distributed:  # every process has checked the state before rank 0 may write a new one
+        dist.barrier()
+    data = _data(preset, "train")
     if rank == 0:
         print(f"{preset.name}: {preset.description}\ndata: {getattr(data, 'source', repr(data))}\n"
               f"device: {device}, epochs: {epochs}, command: {command}", flush=True)
@@ -247,7 +372,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
 
+    progress = {"done": epochs_done}  # epochs whose state is saved, for the Ctrl-C message
+
     def report(epoch: int, history: Any) -> None:
+        progress["done"] = epoch
         if rank == 0:
             if epoch in args.snapshots:
                 encoder_state = {k: v.detach().cpu() for k, v in model.encoder.state_dict().items()}
@@ -259,28 +387,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     monitor = None
     if preset.data != "stl10":  # k-NN accuracy after each epoch on held-out images (5000 train / 2000 test)
         monitor = (_subset(data, 5_000), _subset(_data(preset, "test"), 2_000))
-    history = train_simclr(
-        model, data, epochs, batch_size=preset.batch_size, lr=preset.lr, temperature=preset.temperature,
-        augment=augment, seed=args.seed, device=device, checkpoint=state_file, resume=args.resume,
-        knn_data=monitor, callback=report, progress=False,
-        metadata={"preset": preset.name, "command": command, "data": preset.data,
-                  "data_options": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.data_options.items()},
-                  "augment": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.augment.items()},
-                  "epochs": epochs, "batch_size": preset.batch_size, "lr": preset.lr,
-                  "temperature": preset.temperature, "seed": args.seed},
-    )
     result: dict[str, Any] = {}
-    if rank == 0:
-        minutes = sum(history.seconds) / 60
-        metrics = evaluate(model, preset, device)
-        result = {"preset": preset.name, "command": command, "train_minutes": round(minutes, 2),
-                  "device": str(device), "epochs": epochs, **{k: round(v, 4) for k, v in metrics.items()}}
-        checkpoint = out / f"{preset.name}.pt"
-        export_checkpoint(state_file, checkpoint, metrics=result)
-        atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
-        if args.commit:
-            write_checksum(checkpoint)
-        print(json.dumps(result, indent=2), flush=True)
+    try:
+        history = train_simclr(
+            model, data, epochs, batch_size=preset.batch_size, lr=preset.lr, temperature=preset.temperature,
+            augment=augment, seed=args.seed, device=device, checkpoint=state_file, resume=args.resume,
+            knn_data=monitor, callback=report, progress=False,
+            metadata={"preset": preset.name, "command": command, "data": preset.data,
+                      "data_options": run_settings(preset, epochs, args.seed)["data_options"],
+                      "augment": run_settings(preset, epochs, args.seed)["augment"],
+                      "epochs": epochs, "batch_size": preset.batch_size, "lr": preset.lr,
+                      "temperature": preset.temperature, "seed": args.seed},
+        )
+        if rank == 0:
+            minutes = sum(history.seconds) / 60
+            metrics = evaluate(model, preset, device)
+            result = {"preset": preset.name, "command": command, "train_minutes": round(minutes, 2),
+                      "device": str(device), "epochs": epochs, **{k: round(v, 4) for k, v in metrics.items()}}
+            checkpoint = out / f"{preset.name}.pt"
+            export_checkpoint(state_file, checkpoint, metrics=result)
+            atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+            if args.commit:
+                write_checksum(checkpoint)
+            state_file.unlink()  # the checkpoint holds the model, history and metadata; a rerun starts afresh
+            print(json.dumps(result, indent=2), flush=True)
+    except KeyboardInterrupt:
+        if rank == 0:
+            if state_file.is_file():
+                print(f"\ninterrupted after epoch {progress['done']} of {epochs}; the training state is in "
+                      f"{state_file}. Resume with:\n  {command} --resume", file=sys.stderr, flush=True)
+            else:
+                print(f"\ninterrupted before the first epoch finished; nothing was saved. Start again with:\n"
+                      f"  {command}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if distributed:
         dist.destroy_process_group()
     return result
