@@ -188,8 +188,25 @@ def figures_dir() -> Path:
 
 
 def save_figure(fig: plt.Figure, name: str, dpi: int = 150) -> Path:
-    """Save ``fig`` as ``figures/<name>.png`` (creating folders) and return the path."""
+    """Save ``fig`` as ``figures/<name>.png`` (creating folders) and return the path.
+
+    ``name`` is a plain file name, optionally under one notebook folder (``"00_welcome/views"``, as
+    the notebooks use).
+
+    Raises:
+        ValueError: ``name`` is absolute, uses backslashes, ``..``/``.`` or empty parts, nests
+            deeper than one folder, or resolves outside the figures folder.
+    """
+    parts = str(name).split("/")
+    if (not isinstance(name, str) or name.startswith("/") or "\\" in name or len(parts) > 2
+            or any(part in ("", ".", "..") for part in parts) or Path(name).is_absolute()):
+        raise ValueError(f"save_figure needs a plain file name such as 'loss_curve' or '01_simclr/loss_curve' "
+                         f"(no absolute path, '..' or deeper folders), got {name!r}; use a plain file name.")
+    root = figures_dir().resolve()
     path = figures_dir() / f"{name}.png"
+    if not path.resolve().is_relative_to(root):
+        raise ValueError(f"save_figure name {name!r} resolves outside the figures folder {root}; "
+                         "use a plain file name.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path

@@ -16,7 +16,7 @@ A notebook never types a measured number or a finding into Markdown.  It states 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -39,6 +39,7 @@ class Claim:
     statement: str
     holds: bool
     checked: bool
+    shown: bool = field(default=False, compare=False, repr=False)  # displayed once already by ``claim``
 
     def markdown(self) -> str:
         if not self.checked:
@@ -48,8 +49,10 @@ class Claim:
     def metadata(self) -> dict:
         return {METADATA_KEY: {"statement": self.statement, "holds": self.holds, "checked": self.checked}}
 
-    def _repr_markdown_(self) -> str:
-        return self.markdown()
+    def _ipython_display_(self) -> None:
+        """A cell ending in ``claim(...)`` shows the reading once: ``claim`` displayed it already."""
+        if not self.shown:
+            _show(self)
 
 
 def _as_bool(holds: object) -> bool:
@@ -80,7 +83,7 @@ def claim(statement: str, holds: object, quick: bool | None = None, display: boo
     if not isinstance(statement, str) or not statement.strip():
         raise ValueError("a claim needs a non-empty statement")
     quick = quick_mode() if quick is None else bool(quick)
-    result = Claim(statement.strip(), _as_bool(holds), checked=not quick)
+    result = Claim(statement.strip(), _as_bool(holds), checked=not quick, shown=display)
     if display:
         _show(result)
     if result.checked and not result.holds:

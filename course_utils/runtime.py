@@ -1,10 +1,11 @@
 """Device, precision, seeding and run-mode helpers shared by every notebook.
 
-* ``get_device()`` picks cuda > mps > cpu; ``COURSE_DEVICE`` overrides it.
+* ``get_device()`` picks cuda > mps > cpu; ``COURSE_DEVICE`` (cpu, cuda, cuda:<i>, mps) overrides it.
 * ``autocast(device)`` is bf16 autocast where the hardware runs bf16 fast
   (CUDA with bf16 support, CPUs with avx512_bf16 or AMX) and a no-op elsewhere;
-  ``COURSE_PRECISION=fp32`` turns it off.
+  ``COURSE_PRECISION=fp32`` turns it off (``precision_mode()``: "auto" or "fp32").
 * ``quick_mode()`` is true under ``COURSE_QUICK=1`` (CI and ``make test``).
+* Environment values outside the documented ones raise ValueError naming the allowed values.
 * Importing this module caps PyTorch's CPU threads at the container's CPU quota (``cpu_quota()``):
   a Binder pod or CI container on a 64-core host with a 2-CPU quota would otherwise run 64
   threads on 2 CPUs, which makes small operations 10-50x slower.  ``OMP_NUM_THREADS`` wins.
@@ -22,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_TRUE = {"1", "true", "yes", "on"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+PRECISIONS = ("auto", "fp32")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 _CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -58,15 +62,39 @@ _cap_threads_at_quota()
 
 
 def quick_mode() -> bool:
-    """True when the environment asks for the quick (CI) settings: ``COURSE_QUICK=1``."""
-    return os.environ.get("COURSE_QUICK", "").strip().lower() in _TRUE
+    """True when the environment asks for the quick (CI) settings: ``COURSE_QUICK=1``.
+
+    ``COURSE_QUICK`` may be unset or empty (off), 1/true/yes/on or 0/false/no/off (any case).
+
+    Raises:
+        ValueError: any other value, naming the allowed ones.
+    """
+    value = os.environ.get("COURSE_QUICK", "").strip().lower()
+    if value and value not in _TRUE + _FALSE:
+        raise ValueError(f"COURSE_QUICK={os.environ['COURSE_QUICK']!r} is not understood; use one of "
+                         f"{', '.join(_TRUE + _FALSE)} (or leave it unset).")
+    return value in _TRUE
+
+
+def precision_mode() -> str:
+    """``COURSE_PRECISION``: "auto" (unset or empty: bf16 autocast where fast) or "fp32" (autocast off).
+
+    Raises:
+        ValueError: any other value, naming the allowed ones.
+    """
+    value = os.environ.get("COURSE_PRECISION", "").strip().lower() or "auto"
+    if value not in PRECISIONS:
+        raise ValueError(f"COURSE_PRECISION={os.environ['COURSE_PRECISION']!r} is not understood; use one of "
+                         f"{', '.join(PRECISIONS)} (or leave it unset).")
+    return value
 
 
 def get_device() -> torch.device:
     """The device to compute on: ``COURSE_DEVICE`` if set, else cuda > mps > cpu.
 
     Raises:
-        ValueError: ``COURSE_DEVICE`` names a device that this machine does not have.
+        ValueError: ``COURSE_DEVICE`` is not a compute device (cpu, cuda, cuda:<i>, mps; ``meta`` and
+            the like hold no data) or names a device that this machine does not have.
     """
     requested = os.environ.get("COURSE_DEVICE", "").strip()
     if requested:
@@ -74,6 +102,9 @@ def get_device() -> torch.device:
             device = torch.device(requested)
         except RuntimeError as err:
             raise ValueError(f"COURSE_DEVICE={requested!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from err
+        if device.type not in DEVICE_TYPES:
+            raise ValueError(f"COURSE_DEVICE={requested!r} is not a device the course computes on; "
+                             f"use one of {', '.join(DEVICE_TYPES)} (cuda:1 … picks a GPU), or leave it unset.")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"COURSE_DEVICE={requested!r} but PyTorch sees no CUDA GPU here; unset it or use cpu.")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -123,7 +154,7 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
 
 def bf16_enabled(device: torch.device | str) -> bool:
     """Whether ``autocast(device)`` will use bf16 on this machine."""
-    if os.environ.get("COURSE_PRECISION", "").strip().lower() == "fp32":
+    if precision_mode() == "fp32":
         return False
     device = torch.device(device)
     if device.type == "cuda":

@@ -40,7 +40,7 @@ from torch import nn
 from course_utils import stats
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.datasets import default_data_root
-from course_utils.data.shapes import ShapesWorld
+from course_utils.data.shapes import ShapesWorld, select_samples
 from course_utils.models import (
     SimCLRModel, atomic_write, checkpoint_dir, load_checkpoint, load_pretrained, resnet, save_checkpoint,
     verify_checksum, write_checksum,
@@ -276,7 +276,6 @@ def study_data(settings: StudySettings) -> StudyData:
     """The worlds, the toy-CLIP embeddings and the TCAV example sets of a study."""
     from course_utils.data.captions import load_caption_set
     from course_utils.vlm import caption_embeddings, load_toy_clip
-    from course_utils.widgets import select_samples
 
     seed = settings.seed
     train = ShapesWorld(n=max(settings.n_train, 4_000), size=32, seed=seed, split="train")

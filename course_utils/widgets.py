@@ -11,38 +11,15 @@ import matplotlib.pyplot as plt
 import torch
 
 from course_utils.data.augment import SimCLRAugment
-from course_utils.data.shapes import ShapesWorld
+from course_utils.data import shapes
+from course_utils.data.shapes import ANY, ShapesWorld
 from course_utils.explain.gradcam import representation
 from course_utils.explain.qscore import qscore
 from course_utils.explain.relax import masked_copies, relax_masks
 from course_utils.metrics import auroc
 from course_utils.plots import frequency_plot, image_grid, saliency_grid, to_display, word_score_plot
 
-ANY = "any"
 FILTERABLE = ("shape", "color", "texture", "size", "position", "background", "background_color", "distractor")
-
-
-def select_samples(world: ShapesWorld, limit: int | None = None, **filters: str) -> torch.Tensor:
-    """Indices of the images whose attributes have the given value names.
-
-    Example: ``select_samples(world, shape="star", color="red")``; ``"any"``
-    leaves an attribute free.
-
-    Returns:
-        LongTensor [k] of indices (at most ``limit``), in data set order.
-    """
-    keep = torch.ones(len(world), dtype=torch.bool)
-    for attribute, value in filters.items():
-        if value == ANY:
-            continue
-        if attribute not in world.attribute_names:
-            raise ValueError(f"unknown attribute {attribute!r}; choose from {sorted(world.attribute_names)}")
-        names = world.attribute_names[attribute]
-        if value not in names:
-            raise ValueError(f"{attribute} has no value {value!r}; its values are {names}")
-        keep &= world.attributes[attribute] == names.index(value)
-    indices = keep.nonzero(as_tuple=True)[0]
-    return indices if limit is None else indices[:limit]
 
 
 def explorer_view(
@@ -60,7 +37,7 @@ def explorer_view(
         (fig, text); fig is None when nothing matches, and text says so.
     """
     world = worlds[variant]
-    matches = select_samples(world, **filters)
+    matches = shapes.select_samples(world, **filters)
     chosen = ", ".join(f"{k}={v}" for k, v in filters.items() if v != ANY) or "no filter"
     if matches.numel() == 0:
         return None, f"No image of {variant} matches {chosen}; loosen a filter."

@@ -53,3 +53,19 @@ def test_in_a_notebook_the_claim_is_rendered_markdown_with_its_metadata(monkeypa
     (obj, metadata), = shown
     assert isinstance(obj, IPython.display.Markdown) and "P@1 is 0.92." in obj.data
     assert metadata["course_claim"]["holds"] is True
+
+
+def test_a_cell_ending_with_a_claim_shows_it_once_not_again_as_its_value():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    shell = InteractiveShell.instance()
+    try:
+        with capture_output() as captured:
+            shell.run_cell("from course_utils import report\nreport.claim('RELAX beats the random map.', True, "
+                           "quick=False)")
+        shown = [output for output in captured.outputs if "RELAX beats the random map." in str(output.data)]
+        assert len(shown) == 1, f"the reading appears {len(shown)} times"
+        assert "Claim(" not in captured.stdout, "the claim's value is printed after its reading"
+    finally:
+        InteractiveShell.clear_instance()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from course_utils.data.shapes import BACKGROUND_COLORS, DIFFICULTIES, ShapesWorld
+from course_utils.data.shapes import BACKGROUND_COLORS, DIFFICULTIES, ShapesWorld, select_samples
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +167,20 @@ def test_larger_images_scale_objects_with_the_image(size):
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ShapesWorld(**kwargs)
+
+
+def test_select_samples_returns_exactly_the_matching_images(world):
+    chosen = select_samples(world, shape="star", color="red")
+    expected = (world.labels == world.classes.index("star")) & (
+        world.attributes["color"] == world.attribute_names["color"].index("red")
+    )
+    assert torch.equal(chosen, expected.nonzero(as_tuple=True)[0]) and chosen.numel() > 0
+    assert select_samples(world, shape="any").numel() == len(world)
+    assert select_samples(world, limit=3, shape="ring").numel() == 3
+
+
+def test_select_samples_rejects_unknown_attribute_or_value(world):
+    with pytest.raises(ValueError, match="unknown attribute"):
+        select_samples(world, flavour="sweet")
+    with pytest.raises(ValueError, match="values are"):
+        select_samples(world, shape="hexagon")

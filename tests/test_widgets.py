@@ -9,7 +9,7 @@ import torch
 
 from course_utils.data.shapes import ShapesWorld
 from course_utils.widgets import (
-    AUGMENT_SLIDERS, augmentation_explorer, augmentation_view, explorer_view, select_samples, shapes_explorer,
+    AUGMENT_SLIDERS, augmentation_explorer, augmentation_view, explorer_view, shapes_explorer,
 )
 
 
@@ -19,24 +19,6 @@ def worlds():
         "default": ShapesWorld(n=600, seed=0),
         "spurious": ShapesWorld(n=600, seed=0, spurious=0.9),
     }
-
-
-def test_select_samples_returns_exactly_the_matching_images(worlds):
-    world = worlds["default"]
-    chosen = select_samples(world, shape="star", color="red")
-    expected = (world.labels == world.classes.index("star")) & (
-        world.attributes["color"] == world.attribute_names["color"].index("red")
-    )
-    assert torch.equal(chosen, expected.nonzero(as_tuple=True)[0]) and chosen.numel() > 0
-    assert select_samples(world, shape="any").numel() == len(world)
-    assert select_samples(world, limit=3, shape="ring").numel() == 3
-
-
-def test_select_samples_rejects_unknown_attribute_or_value(worlds):
-    with pytest.raises(ValueError, match="unknown attribute"):
-        select_samples(worlds["default"], flavour="sweet")
-    with pytest.raises(ValueError, match="values are"):
-        select_samples(worlds["default"], shape="hexagon")
 
 
 def test_explorer_view_shows_matching_captions_and_counts(worlds):

@@ -11,12 +11,17 @@ distance fields on a supersampled grid and averaged down (anti-aliasing).
 Sample ``i`` depends only on ``(seed, split, i)``: random numbers are drawn per
 fixed-size block from a generator seeded by ``(seed, split, block index)``, so
 ``ShapesWorld(n=100)`` is exactly the first 100 samples of
-``ShapesWorld(n=1000)``.
+``ShapesWorld(n=1000)``.  Only the samples asked for are rendered, chunk by chunk, straight into
+the preallocated output, and a request whose memory would exceed ``MAX_MEMORY_BYTES`` is refused
+before anything is allocated.
+
+``select_samples(world, shape="star", color="red")`` picks samples by attribute value names.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,10 +60,25 @@ POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
 )
 SPLITS: tuple[str, ...] = ("train", "test", "val")
+ANY = "any"  # the filter value of select_samples that leaves an attribute free
 
 _BLOCK = 512  # samples drawn from one generator; fixed, so the prefix property holds
 _SUPERSAMPLE = 2  # sub-pixels per pixel and axis used for anti-aliasing
 _RENDER_POINTS = 2**22  # sub-pixels rendered at once (bounds memory for large images)
+
+MAX_MEMORY_BYTES = 4 * 2**30
+"""The most memory (bytes) one ``ShapesWorld`` may need: 4 GiB.  The estimate
+(``ShapesWorld.memory_estimate``) counts what the data set keeps — uint8 images (3·size² bytes per
+image), the two bool masks (2·size²), attributes, geometry and captions — plus the working memory of
+rendering one chunk.  ``ShapesWorld(n, size)`` raises ValueError before allocating when the estimate
+exceeds it (``n = 10**9`` at 32 px, or one image of 16,384 px, would need terabytes or tens of GB)."""
+
+# Bytes per sample besides the pixels: 9 int64 attributes, 4 float32 geometry values, a caption.
+_SAMPLE_OVERHEAD_BYTES = 9 * 8 + 4 * 4 + 128
+# Working float32 maps while rendering one chunk: at sub-pixel resolution (coverage, rotated
+# coordinates, distance temporaries) and at pixel resolution (background, composite, noise).
+_WORK_SUBPIXEL_MAPS = 8
+_WORK_PIXEL_MAPS = 16
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,30 @@ def _sd_bar(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.hypot(x - x.clamp(-1.0, 1.0), y) - 0.22
 
 
+def _as_int(value) -> int | None:
+    """``value`` as a Python int (Python and NumPy integers, anything with ``__index__``); None for
+    other types and for bools."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _rows_per_chunk(size: int) -> int:
+    """Images rendered at once: bounds the supersampled working maps to ``_RENDER_POINTS`` sub-pixels."""
+    return max(1, _RENDER_POINTS // (size * _SUPERSAMPLE) ** 2)
+
+
+def _skip_normal(g: torch.Generator, count: int) -> None:
+    """Advance ``g`` as ``torch.randn(count, generator=g)`` would, in bounded memory (count % 16 == 0)."""
+    step = _RENDER_POINTS  # a multiple of 16, so the chunks draw exactly what one call would
+    buffer = torch.empty(min(step, count))
+    for start in range(0, count, step):
+        buffer[: min(step, count - start)].normal_(generator=g)
+
+
 def _block_generator(seed: int, split: str, block: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, SPLITS.index(split), block]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
@@ -185,9 +229,9 @@ class ShapesWorld(torch.utils.data.Dataset):
     """Procedural shapes with per-pixel masks, attributes and captions.
 
     Args:
-        n: number of images.
-        size: image side in pixels (>= 32).
-        seed: seed of the sample stream.
+        n: number of images (a Python or NumPy integer).
+        size: image side in pixels (>= 32; a Python or NumPy integer).
+        seed: seed of the sample stream (a Python or NumPy integer).
         split: "train", "test" or "val"; each split is an independent stream,
             and the spurious correlation applies to "train" only.
         spurious: probability p that the background colour agrees with the
@@ -198,6 +242,10 @@ class ShapesWorld(torch.utils.data.Dataset):
             takes the difficulty's value (0 for "easy" and "default", 0.5 for
             "hard").  Explanation notebooks set it to test whether a map lands
             on the bar.
+
+    Raises:
+        ValueError: a bad argument, or ``n`` and ``size`` whose memory would exceed
+            ``MAX_MEMORY_BYTES`` (checked before anything is allocated).
 
     Attributes:
         images: uint8 [N, 3, S, S].
@@ -223,10 +271,20 @@ class ShapesWorld(torch.utils.data.Dataset):
         difficulty: str = "default",
         distractor_p: float | None = None,
     ) -> None:
-        if not isinstance(n, int) or n < 1:
+        if _as_int(n) is None or _as_int(n) < 1:
             raise ValueError(f"ShapesWorld needs n >= 1 images, got n={n!r}.")
-        if not isinstance(size, int) or size < 32:
+        if _as_int(size) is None or _as_int(size) < 32:
             raise ValueError(f"ShapesWorld images must be at least 32 px (got size={size!r}); use size=32 or 64.")
+        if _as_int(seed) is None or _as_int(seed) < 0:
+            raise ValueError(f"ShapesWorld needs an integer seed >= 0, got seed={seed!r}.")
+        n, size, seed = _as_int(n), _as_int(size), _as_int(seed)
+        needed = self.memory_estimate(n, size)
+        if needed > MAX_MEMORY_BYTES:
+            raise ValueError(
+                f"ShapesWorld(n={n}, size={size}) would need about {needed / 2**30:,.1f} GiB, more than "
+                f"MAX_MEMORY_BYTES = {MAX_MEMORY_BYTES / 2**30:.0f} GiB; lower n or size "
+                f"(at size={size} at most n={self.max_images(size):,} fit)."
+            )
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
         if not 0.0 <= spurious <= 1.0:
@@ -252,12 +310,12 @@ class ShapesWorld(torch.utils.data.Dataset):
             "distractor": ["none", "bar"],
             "distractor_color": ["none", *OBJECT_COLORS],
         }
-        blocks = [self._render_block(b) for b in range(math.ceil(n / _BLOCK))]
-        self.images = torch.cat([b["images"] for b in blocks])[:n]
-        self.masks = torch.cat([b["masks"] for b in blocks])[:n]
-        self.distractor_masks = torch.cat([b["distractor_masks"] for b in blocks])[:n]
-        self.attributes = {k: torch.cat([b["attributes"][k] for b in blocks])[:n] for k in self.attribute_names}
-        self.geometry = {k: torch.cat([b["geometry"][k] for b in blocks])[:n] for k in blocks[0]["geometry"]}
+        self.images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+        self.masks = torch.empty(n, size, size, dtype=torch.bool)
+        self.distractor_masks = torch.empty(n, size, size, dtype=torch.bool)
+        blocks = [self._render_block(b, min(_BLOCK, n - b * _BLOCK)) for b in range(math.ceil(n / _BLOCK))]
+        self.attributes = {k: torch.cat([b["attributes"][k] for b in blocks]) for k in self.attribute_names}
+        self.geometry = {k: torch.cat([b["geometry"][k] for b in blocks]) for k in blocks[0]["geometry"]}
         self.labels = self.attributes["shape"]
         self.captions = [self._caption(i) for i in range(n)]
 
@@ -274,6 +332,24 @@ class ShapesWorld(torch.utils.data.Dataset):
             f"spurious={self.spurious}, difficulty={self.difficulty!r}, distractor_p={self.distractor_p})"
         )
 
+    @staticmethod
+    def memory_estimate(n: int, size: int) -> int:
+        """Bytes that ``ShapesWorld(n, size)`` needs: the stored samples plus one render chunk's work."""
+        pixels = size * size
+        stored = n * (5 * pixels + _SAMPLE_OVERHEAD_BYTES)  # uint8 images (3) + two bool masks (2)
+        rows = min(n, _rows_per_chunk(size))
+        working = rows * 4 * (_WORK_SUBPIXEL_MAPS * pixels * _SUPERSAMPLE**2 + _WORK_PIXEL_MAPS * 3 * pixels)
+        return stored + working
+
+    @classmethod
+    def max_images(cls, size: int) -> int:
+        """The largest n with ``memory_estimate(n, size) <= MAX_MEMORY_BYTES`` (0 if none)."""
+        low, high = 0, MAX_MEMORY_BYTES
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cls.memory_estimate(mid, size) <= MAX_MEMORY_BYTES else (low, mid - 1)
+        return low
+
     # ------------------------------------------------------------------
     def _caption(self, i: int) -> str:
         name = {k: self.attribute_names[k][int(v[i])] for k, v in self.attributes.items()}
@@ -289,8 +365,12 @@ class ShapesWorld(torch.utils.data.Dataset):
             caption += f" next to a {name['distractor_color']} bar"
         return caption
 
-    def _draw_parameters(self, g: torch.Generator, count: int) -> dict[str, torch.Tensor]:
-        """All random choices of one block (independent of n)."""
+    def _draw_parameters(self, g: torch.Generator, count: int, with_noise: bool = True) -> dict[str, torch.Tensor]:
+        """All random choices of one block (independent of n).
+
+        The pixel noise is drawn last (``noise``, then ``bg_noise``); ``with_noise=False`` leaves both out
+        (None) and ``g`` positioned at the first noise draw, so that ``_render_block`` can draw them
+        chunk by chunk."""
         cfg = DIFFICULTIES[self.difficulty]
         n_bg_colors = len(BACKGROUND_COLORS)
         shape = _choice(count, len(SHAPES), g)
@@ -329,9 +409,10 @@ class ShapesWorld(torch.utils.data.Dataset):
         bar_xy = cand[torch.arange(count), first]
         bar_angle = _uniform(count, g, 0.0, math.pi)
         bar_color = (color + 1 + _choice(count, len(OBJECT_COLORS) - 1, g)) % len(OBJECT_COLORS)
-        noise = torch.randn(count, 3, self.size, self.size, generator=g) if cfg.noise_std > 0 else None
+        noise = torch.randn(count, 3, self.size, self.size, generator=g) if with_noise and cfg.noise_std > 0 else None
         bg_noise = (
-            torch.randn(count, 3, self.size, self.size, generator=g) if "noisy" in cfg.backgrounds else None
+            torch.randn(count, 3, self.size, self.size, generator=g)
+            if with_noise and "noisy" in cfg.backgrounds else None
         )
         cx_third = ((center_x - margin) / (self.size - 2 * margin) * 3).long().clamp(0, 2)
         cy_third = ((center_y - margin) / (self.size - 2 * margin) * 3).long().clamp(0, 2)
@@ -344,25 +425,40 @@ class ShapesWorld(torch.utils.data.Dataset):
             position=cy_third * 3 + cx_third,
         )
 
-    def _render_block(self, block: int) -> dict:
+    def _render_block(self, block: int, rows: int) -> dict:
+        """Render the first ``rows`` samples of ``block`` into ``self.images``/``masks``; returns their
+        attributes and geometry.
+
+        The parameters of the whole block are drawn (cheap), but pixel noise only for the rows
+        rendered, chunk by chunk: ``randn`` fills a tensor from consecutive draws of the generator
+        (in groups of 16, and every chunk holds a multiple of 16 values), so consecutive chunks give
+        the values of one block-sized draw.  ``bg_noise`` followed the whole block's ``noise`` in
+        the stream, so its generator is a copy advanced past that many draws.
+        """
         g = _block_generator(self.seed, self.split, block)
-        prm = self._draw_parameters(g, _BLOCK)
-        per_chunk = max(1, _RENDER_POINTS // (self.size * _SUPERSAMPLE) ** 2)
-        images, masks, bar_masks = [], [], []
-        for start in range(0, _BLOCK, per_chunk):
-            sl = slice(start, start + per_chunk)
-            chunk = {k: (v[sl] if v is not None else None) for k, v in prm.items()}
+        prm = self._draw_parameters(g, _BLOCK, with_noise=False)
+        cfg = DIFFICULTIES[self.difficulty]
+        shape = (3, self.size, self.size)
+        noise_g = g if cfg.noise_std > 0 else None
+        bg_g = None
+        if "noisy" in cfg.backgrounds:
+            bg_g = torch.Generator().set_state(g.get_state())
+            if noise_g is not None:
+                _skip_normal(bg_g, _BLOCK * math.prod(shape))
+        per_chunk = _rows_per_chunk(self.size)
+        first = block * _BLOCK
+        for start in range(0, rows, per_chunk):
+            stop = min(start + per_chunk, rows)
+            chunk = {k: (v[start:stop] if v is not None else None) for k, v in prm.items()}
+            chunk["noise"] = torch.randn(stop - start, *shape, generator=noise_g) if noise_g is not None else None
+            chunk["bg_noise"] = torch.randn(stop - start, *shape, generator=bg_g) if bg_g is not None else None
             img, mask, bar_mask = self._render(chunk)
-            images.append(img)
-            masks.append(mask)
-            bar_masks.append(bar_mask)
-        attributes = {k: prm[k] for k in self.attribute_names}
-        geometry = {
-            "center_x": prm["center_x"], "center_y": prm["center_y"], "radius": prm["radius"],
-            "angle": prm["angle"],
-        }
-        return dict(images=torch.cat(images), masks=torch.cat(masks), distractor_masks=torch.cat(bar_masks),
-                    attributes=attributes, geometry=geometry)
+            self.images[first + start:first + stop] = img
+            self.masks[first + start:first + stop] = mask
+            self.distractor_masks[first + start:first + stop] = bar_mask
+        attributes = {k: prm[k][:rows] for k in self.attribute_names}
+        geometry = {k: prm[k][:rows] for k in ("center_x", "center_y", "radius", "angle")}
+        return dict(attributes=attributes, geometry=geometry)
 
     def _render(self, prm: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Render a chunk: returns uint8 [B, 3, S, S] and two bool masks [B, S, S].
@@ -455,3 +551,26 @@ class ShapesWorld(torch.utils.data.Dataset):
         if name == "dotted":
             return ((torch.remainder(tu, 1.0) - 0.5) ** 2 + (torch.remainder(tv, 1.0) - 0.5) ** 2 < 0.09).float()
         return torch.remainder(torch.floor(tu) + torch.floor(tv), 2.0)
+
+
+def select_samples(world: ShapesWorld, limit: int | None = None, **filters: str) -> torch.Tensor:
+    """Indices of the images whose attributes have the given value names.
+
+    Example: ``select_samples(world, shape="star", color="red")``; ``"any"``
+    leaves an attribute free.
+
+    Returns:
+        LongTensor [k] of indices (at most ``limit``), in data set order.
+    """
+    keep = torch.ones(len(world), dtype=torch.bool)
+    for attribute, value in filters.items():
+        if value == ANY:
+            continue
+        if attribute not in world.attribute_names:
+            raise ValueError(f"unknown attribute {attribute!r}; choose from {sorted(world.attribute_names)}")
+        names = world.attribute_names[attribute]
+        if value not in names:
+            raise ValueError(f"{attribute} has no value {value!r}; its values are {names}")
+        keep &= world.attributes[attribute] == names.index(value)
+    indices = keep.nonzero(as_tuple=True)[0]
+    return indices if limit is None else indices[:limit]
