@@ -114,12 +114,12 @@ def check_maps(maps: torch.Tensor, name: str = "saliency maps") -> torch.Tensor:
     return maps
 
 
-def check_features(features: torch.Tensor, name: str = "features", min_rows: int = 1) -> torch.Tensor:
-    """A feature matrix ``[N, D]``: floating point, finite, at least ``min_rows`` rows."""
+def check_features(features: torch.Tensor, name: str = "features") -> torch.Tensor:
+    """A feature matrix ``[N, D]``: floating point, finite, at least one row."""
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         raise ValueError(f"{name} must be a matrix [N, D] (one row per image), got {_shape(features)}")
-    if features.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} row(s), got {features.shape[0]}")
+    if features.shape[0] == 0:
+        raise ValueError(f"{name} needs at least 1 row(s), got 0; extract features from a non-empty data set first")
     if not features.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {features.dtype}")
     if not torch.isfinite(features).all():

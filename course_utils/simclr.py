@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.data.augment import SimCLRAugment
+from course_utils.inputs import check_features
 from course_utils.models import SimCLRModel, build_model, save_checkpoint
 from course_utils.runtime import autocast, eval_mode, get_device
 
@@ -368,14 +369,12 @@ class ProbeResult:
 
 
 def _check_features(H_train: torch.Tensor, y_train: torch.Tensor, H_test: torch.Tensor, y_test: torch.Tensor) -> None:
-    if H_train.ndim != 2 or H_test.ndim != 2 or H_train.shape[1] != H_test.shape[1]:
+    check_features(H_train, "H_train")
+    check_features(H_test, "H_test")
+    if H_train.shape[1] != H_test.shape[1]:
         raise ValueError(f"features must be [N, r] with equal r, got {tuple(H_train.shape)} and {tuple(H_test.shape)}")
-    if len(H_train) == 0 or len(H_test) == 0:
-        raise ValueError("empty feature set: extract features from a non-empty data set first")
     if len(H_train) != len(y_train) or len(H_test) != len(y_test):
         raise ValueError("features and labels differ in length")
-    if not (torch.isfinite(H_train).all() and torch.isfinite(H_test).all()):
-        raise ValueError("features contain NaN or inf; check the encoder (was training unstable?)")
 
 
 def _standardisation(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
