@@ -417,3 +417,270 @@ def write_checksum(path: str | Path) -> None:
             if line.startswith("#") or not line.strip() or line.split(maxsplit=1)[-1].removeprefix("*") != path.name]
     text = "\n".join([*keep, f"{_sha256(path)}  {path.name}"]) + "\n"
     atomic_write(sums_file, lambda f: f.write(text.encode()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Your own model: a torchvision-layout ResNet state dict -> the course's ResNet (DESIGN.md "Your own model")
+# --------------------------------------------------------------------------------------------------------------
+
+#: Architectures ``import_encoder`` builds: torchvision name -> depth of the course's ``resnet``.
+IMPORT_ARCHS: dict[str, int] = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
+#: Prefixes stripped (repeatedly, in any order) from the front of every key: DataParallel/DDP, SSL wrappers,
+#: MoCo v1/v2 (``encoder_q.``), MoCo v3 (``base_encoder.``) and ``torch.compile`` (``_orig_mod.``).
+IMPORT_PREFIXES: tuple[str, ...] = ("module.", "backbone.", "encoder.", "encoder_q.", "base_encoder.", "model.",
+                                    "_orig_mod.")
+#: Keys under which checkpoints nest their state dict, tried in this order (Lightning/solo-learn "state_dict",
+#: DINO "teacher" before "student").
+IMPORT_NESTING: tuple[str, ...] = ("state_dict", "model", "teacher", "student", "model_state_dict", "network",
+                                   "net", "encoder", "backbone")
+#: lightly's ``nn.Sequential(*list(resnet.children())[:-1])``: child index -> torchvision name.
+_LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+_STEM_KEYS = {"conv1": "stem.0", "bn1": "stem.1"}
+_SHOWN = 5  # keys named in an error message, per list
+
+
+class IgnoredKeysWarning(UserWarning):
+    """``import_encoder`` ignored keys that are not part of the encoder (heads, momentum encoders, ...)."""
+
+
+def _nested_state_dict(obj: Any, where: str) -> tuple[dict[str, Any], list[str]]:
+    """The state dict inside a checkpoint: ``obj`` itself when it holds tensors, else the first of
+    ``IMPORT_NESTING`` that does (up to 4 levels). Returns (state dict, the keys followed)."""
+    path: list[str] = []
+    for _ in range(5):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where} holds a {type(obj).__name__}{' under ' + repr('/'.join(path)) if path else ''}"
+                             ", not a state dict (a dict of parameter name -> tensor)")
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj, path
+        key = next((k for k in IMPORT_NESTING if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        path.append(key)
+        obj = obj[key]
+    shown = sorted(map(str, obj))[:10] if isinstance(obj, dict) else []
+    raise ValueError(f"{where} holds no state dict: no tensors{' under ' + repr('/'.join(path)) if path else ''} "
+                     f"(keys: {shown}) and none of the usual nesting keys {list(IMPORT_NESTING)}; extract the "
+                     "encoder's state dict yourself, e.g. torch.save(ckpt['<key>'], 'encoder.pt')")
+
+
+def _strip(key: str, prefix: str | None) -> str | None:
+    """The key without its wrapper prefixes (``prefix`` only, when given); None when it lacks ``prefix``."""
+    if prefix is not None:
+        return key[len(prefix):] if key.startswith(prefix) else None
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in IMPORT_PREFIXES:
+            if key.startswith(p):
+                key, stripped = key[len(p):], True
+    return key
+
+
+def _course_key(key: str) -> str | None:
+    """torchvision (or lightly ``Sequential``) key without prefixes -> the course's ResNet key, or None when the
+    key is no part of the encoder (``fc.*``, heads, momentum encoders)."""
+    head, _, rest = key.partition(".")
+    head = _LIGHTLY_CHILDREN.get(head, head)
+    if head in _STEM_KEYS and rest:
+        return f"{_STEM_KEYS[head]}.{rest}"
+    block, _, name = rest.partition(".")
+    if head in ("layer1", "layer2", "layer3", "layer4") and block.isdigit() and name:
+        if name.startswith("downsample."):
+            name = "shortcut." + name.removeprefix("downsample.")
+        return f"{head}.{block}.{name}"
+    return None
+
+
+def _torchvision_key(course_key: str) -> str:
+    """The course's ResNet key -> its torchvision name (for error messages)."""
+    for tv, course in _STEM_KEYS.items():
+        if course_key.startswith(course + "."):
+            return tv + course_key[len(course):]
+    return course_key.replace(".shortcut.", ".downsample.")
+
+
+def _guess_arch(keys: set[str], arch: str) -> str:
+    """A sentence naming the torchvision ResNet these torchvision-layout keys look like, if not ``arch`` (or '')."""
+    blocks = [len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    if not all(blocks):
+        return ""
+    bottleneck = any(k.endswith(".conv3.weight") for k in keys)
+    depth = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
+             (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152}.get((bottleneck, tuple(blocks)))
+    if depth is None:
+        return f" The keys have {blocks} blocks per stage ({'Bottleneck' if bottleneck else 'BasicBlock'})."
+    if f"resnet{depth}" == arch:
+        return ""
+    if f"resnet{depth}" in IMPORT_ARCHS:
+        return f" They look like a ResNet-{depth}: pass arch='resnet{depth}'."
+    return (f" They look like a ResNet-{depth}, which the course's ResNet does not build "
+            f"(supported: {', '.join(IMPORT_ARCHS)}).")
+
+
+def _prefix_hint(keys: list[str]) -> str:
+    """Suggest ``prefix=...`` for keys holding an encoder under an unknown prefix (e.g. 'online_net.enc.')."""
+    found = sorted({k[:-len("conv1.weight")] for k in keys if k.endswith("conv1.weight")
+                    and f"{k[:-len('conv1.weight')]}layer1.0.conv1.weight" in keys})
+    found = [p for p in found if p and _strip(p, None) != ""]
+    if found:
+        return f" The encoder seems to sit under {found[0]!r}: pass prefix={found[0]!r}."
+    return (f" If its keys carry a prefix other than {', '.join(IMPORT_PREFIXES)}, pass it as prefix='...' "
+            "(the part before 'conv1.weight').")
+
+
+def _encoder_state(state: dict[str, Any], arch: str, prefix: str | None, own: dict[str, torch.Tensor],
+                   where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a torchvision-layout state dict onto ``own`` (the course ResNet's state dict).
+
+    Returns (state dict for ``load_state_dict``, the ignored source keys).
+    Raises ValueError naming missing, unexpected and mis-shaped keys."""
+    mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    ignored, unexpected, stripped_keys = [], [], set()
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            ignored.append(str(key))
+            continue
+        bare = _strip(key, prefix)
+        target = None if bare is None else _course_key(bare)
+        if target is None:
+            ignored.append(key)
+            continue
+        stripped_keys.add(_torchvision_key(target))
+        if target not in own:
+            unexpected.append(key)
+            continue
+        if target in mapped:
+            raise ValueError(f"{where}: keys {origin[target]!r} and {key!r} both map to the encoder's "
+                             f"{_torchvision_key(target)!r} (two encoders in one state dict); choose one with "
+                             "prefix='...' (e.g. the part of the first key before 'conv1.weight')")
+        mapped[target], origin[target] = value, key
+    missing = [k for k in own if k not in mapped and not k.startswith("normalize.")
+               and not k.endswith("num_batches_tracked")]  # old checkpoints lack the BN step counter
+    shapes = [f"{origin[k]}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} expected"
+              for k, v in mapped.items() if v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        name = f"ResNet-{IMPORT_ARCHS[arch]}"
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder keys are missing (first: "
+                         f"{', '.join(_torchvision_key(k) for k in missing[:_SHOWN])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} encoder keys are unexpected (first: {', '.join(unexpected[:_SHOWN])})")
+        if shapes:
+            parts.append(f"{len(shapes)} keys have the wrong shape (first: {'; '.join(shapes[:_SHOWN])})")
+        hint = _guess_arch(stripped_keys, arch)
+        if not hint and len(missing) > len(own) // 2:
+            hint = (_prefix_hint([str(k) for k in state]) + f" Keys found: {len(state)} (first: "
+                    f"{', '.join(map(str, list(state)[:_SHOWN]))}).")
+        if shapes and not hint:
+            hint = (" A 3x3 conv1 is a CIFAR-style stem, a wider layer a Wide ResNet: import_encoder builds "
+                    "torchvision's ImageNet ResNet.")
+        raise ValueError(f"{where} does not fit a torchvision {name} encoder (arch={arch!r}): "
+                         f"{'; '.join(parts)}.{hint}")
+    return mapped, ignored
+
+
+def _ignored_summary(ignored: list[str]) -> str:
+    """'projector.* (6), momentum_backbone.* (320)': ignored keys grouped by their first component."""
+    groups: dict[str, int] = {}
+    for key in ignored:
+        bare = _strip(key, None)
+        first, dot, _ = bare.partition(".")
+        group = key[:len(key) - len(bare)] + first + (".*" if dot else "")
+        groups[group] = groups.get(group, 0) + 1
+    return ", ".join(f"{g} ({n})" for g, n in groups.items())
+
+
+def import_encoder(source: nn.Module | dict[str, Any] | str | os.PathLike, arch: str = "resnet50",
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+                   prefix: str | None = None) -> ResNet:
+    """The course's ResNet (ImageNet stem) with the weights of your own torchvision-layout ResNet encoder.
+
+    The returned encoder maps images float [B, 3, H, W] in [0, 1] (any H, W >= 32; 224 px is the ImageNet
+    size) to features h [B, 2048] (ResNet-50) or [B, 512] (ResNet-18/34): its ``Normalize`` layer applies
+    ``mean``/``std``, so its features equal those of the torchvision ResNet with ``fc = nn.Identity()`` on
+    images normalised with the same mean and std. Every explainer of the course runs on it (its stages are
+    ``.layer1`` ... ``.layer4``, e.g. ``gradcam(encoder, encoder.layer4, x, feature(0))``).
+
+    Weights are never downloaded: pass a file you have (any path), a state dict or a module.
+
+    Supported layouts (keys are matched after stripping ``IMPORT_PREFIXES`` repeatedly from their front:
+    ``module.``, ``backbone.``, ``encoder.``, ``encoder_q.``, ``base_encoder.``, ``model.``, ``_orig_mod.``):
+
+    * torchvision ``resnet18/34/50().state_dict()`` (also timm's ResNets, Barlow Twins, VICReg, SwAV, DINO
+      backbone releases): ``conv1``, ``bn1``, ``layerX.Y.{conv,bn}N``, ``layerX.Y.downsample.{0,1}``;
+    * a ``torchvision.models.ResNet`` module (or any module with such a state dict, e.g. wrapped in
+      ``DataParallel``);
+    * DataParallel/DDP ``module.``; SimSiam ``module.encoder.``; MoCo v1/v2 ``module.encoder_q.``
+      (``encoder_k.*`` ignored); MoCo v3 ``module.base_encoder.`` (``momentum_encoder.*`` ignored);
+    * solo-learn / PyTorch Lightning: ``{"state_dict": {"backbone.conv1.weight", ..., "projector.*",
+      "classifier.*", "momentum_backbone.*"}}``;
+    * lightly: ``backbone = nn.Sequential(*list(resnet.children())[:-1])``, keys ``backbone.0.*`` (conv1),
+      ``backbone.1.*`` (bn1), ``backbone.4.*`` ... ``backbone.7.*`` (layer1 ... layer4);
+    * DINO training checkpoints ``{"teacher": ..., "student": ...}`` (the teacher is used);
+    * checkpoints nesting the state dict under one of ``IMPORT_NESTING`` (``state_dict``, ``model``,
+      ``teacher``, ``student``, ...), up to 4 levels deep;
+    * anything else via ``prefix=``: only keys starting with it are used, with it removed.
+
+    Keys that are no part of the encoder (``fc``, projector, predictor, classifier, DINO heads, momentum or key
+    encoders) are ignored: ``fc.*`` silently (the supervised classifier), any others with one
+    ``IgnoredKeysWarning`` that groups them by name. The returned encoder's ``import_info`` dict records
+    ``arch``, ``nesting`` (keys followed into the checkpoint), ``loaded`` (number of tensors) and ``ignored``
+    (the ignored keys).
+
+    Args:
+        source: a state dict (parameter name -> tensor) or a checkpoint dict nesting one; a path of a file
+            holding either (read with ``torch.load(weights_only=True)``, on the CPU); or an ``nn.Module``.
+        arch: "resnet18", "resnet34" or "resnet50" (ResNet-50 has Bottleneck blocks, the others BasicBlocks).
+        mean, std: the per-channel input normalisation the weights were trained with (ImageNet by default).
+        prefix: use only the keys starting with this prefix, removed (instead of the automatic stripping).
+
+    Returns:
+        ``ResNet`` in eval mode, float32, on the CPU (move it with ``.to(device)``).
+
+    Raises:
+        ValueError: unknown ``arch``; a state dict that does not fit (the message names the first missing,
+            unexpected and mis-shaped keys with their counts, and the arch the keys look like, or the prefix
+            to pass); a file that is not a weights-only checkpoint (e.g. a DINO or Lightning checkpoint that
+            pickles training arguments: extract its state dict in trusted code first).
+        FileNotFoundError: no such file.
+        TypeError: ``source`` is none of the above.
+    """
+    arch_key = arch.lower().replace("-", "").replace("_", "") if isinstance(arch, str) else arch
+    if arch_key not in IMPORT_ARCHS:
+        raise ValueError(f"unsupported arch {arch!r}; import_encoder builds {', '.join(IMPORT_ARCHS)}")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix):
+        raise ValueError(f"prefix must be a non-empty string such as 'online_network.encoder.', got {prefix!r}")
+    if isinstance(source, nn.Module):
+        where, obj = f"the {type(source).__name__} module's state dict", source.state_dict()
+    elif isinstance(source, (str, os.PathLike)):
+        where = f"file {os.fspath(source)}"
+        try:
+            obj, _ = load_verified(source, "cpu", unregistered="allow", kind="encoder checkpoint")
+        except ValueError as exc:
+            raise ValueError(f"{exc}. A training checkpoint that pickles its arguments (DINO's 'args', "
+                             "Lightning's hyper_parameters) cannot be read with weights_only=True: if you trust "
+                             "the file, save its state dict alone first, e.g. torch.save(torch.load(path, "
+                             "weights_only=False)['teacher'], 'encoder.pt')") from exc
+    elif isinstance(source, dict):
+        where, obj = "the state dict", source
+    else:
+        raise TypeError(f"source must be a state dict, a checkpoint path or an nn.Module, got {type(source).__name__}")
+    state, nesting = _nested_state_dict(obj, where)
+    if nesting:
+        where = f"{where} (under {'/'.join(nesting)!r})"
+    encoder = resnet(IMPORT_ARCHS[arch_key], 64, small_input=False, mean=mean, std=std)
+    own = encoder.state_dict()
+    mapped, ignored = _encoder_state(state, arch_key, prefix, own, where)
+    for key, value in own.items():  # the normalisation buffers and absent BN counters keep their values
+        mapped.setdefault(key, value)
+    with torch.no_grad():
+        encoder.load_state_dict({k: v.detach().to("cpu") for k, v in mapped.items()}, strict=True)
+    heads = [k for k in ignored if (_strip(k, prefix) or "").split(".")[0] not in ("fc", "9")]  # fc: silently
+    if heads:
+        warnings.warn(f"import_encoder: {where}: ignored {len(heads)} keys that are no part of the "
+                      f"{arch_key} encoder: {_ignored_summary(heads)}", IgnoredKeysWarning, stacklevel=2)
+    encoder.import_info = {"arch": arch_key, "nesting": nesting, "loaded": len(mapped), "ignored": ignored}
+    return encoder.float().eval()

@@ -13,12 +13,16 @@ CIFAR pickles, STL-10 binaries, image folders); torchvision is only used to
 in ``root`` or, when no root is given, in ``default_data_root()``
 (``$COURSE_DATA_ROOT`` or ``<repo>/data/cache``) and, for Fashion-MNIST, in
 the folder where the Debian package ``dataset-fashion-mnist`` installs it.
+
+``example_photographs`` returns a few real colour photographs (float [N, 3, size, size] in
+[0, 1]) from the files bundled inside the scikit-image package, offline.
 """
 
 from __future__ import annotations
 
 import gzip
 import http.client
+import importlib.util
 import math
 import os
 import pickle
@@ -226,6 +230,64 @@ def load_dataset(
         raise FileNotFoundError(_missing_message(name, split, folders, needed))
     reader = {"fashion-mnist": _read_fashion_mnist, "cifar10": _read_cifar10, "stl10": _read_stl10}[name]
     return reader(*found, split, size)
+
+
+#: The colour photographs bundled inside the scikit-image wheel (``skimage/data/``; read from there, no download),
+#: name -> (file, source and licence as scikit-image's ``skimage.data`` docstrings state them).
+EXAMPLE_PHOTOGRAPHS: dict[str, tuple[str, str]] = {
+    "astronaut": ("astronaut.png", "Eileen Collins, NASA Great Images database; public domain"),
+    "cat": ("chelsea.png", "Chelsea the cat, by Stefan van der Walt; CC0"),
+    "coffee": ("coffee.png", "coffee cup, by Rachel Michetti (courtesy of Pikolo Espresso Bar); CC0"),
+    "rocket": ("rocket.jpg", "launch of DSCOVR on Falcon 9, SpaceX; released into the public domain"),
+}
+
+
+def example_photographs(size: int = 224, names: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """A few real colour photographs, offline: float [N, 3, size, size] in [0, 1] and their names.
+
+    The images are files shipped inside the scikit-image package (``skimage/data/``), read directly with
+    PIL, so nothing is downloaded (scikit-image's ``pooch`` fetcher is not used). Each image's short side
+    is resized to ``size`` (bilinear, antialiased), then its centre is cropped to ``size`` x ``size``, as
+    ImageNet models expect at ``size=224``. Sources and licences (from scikit-image's ``skimage.data``):
+
+    * "astronaut": the astronaut Eileen Collins, NASA Great Images database; public domain (no known
+      copyright restrictions).
+    * "cat": Chelsea the cat, photograph by Stefan van der Walt; CC0.
+    * "coffee": a coffee cup, photograph by Rachel Michetti, courtesy of Pikolo Espresso Bar; CC0.
+    * "rocket": the launch of DSCOVR on a Falcon 9, photograph by SpaceX, released into the public domain.
+
+    Args:
+        size: side of the returned square images (positive int).
+        names: which photographs, in this order (default: all, in the order above).
+
+    Returns:
+        (images float32 [N, 3, size, size] in [0, 1], names).
+
+    Raises:
+        ImportError: scikit-image is not installed (``pip install scikit-image``).
+        ValueError: unknown names or a bad size.
+        FileNotFoundError: the installed scikit-image lacks a bundled file.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}.")
+    names = list(EXAMPLE_PHOTOGRAPHS) if names is None else list(names)
+    unknown = [n for n in names if n not in EXAMPLE_PHOTOGRAPHS]
+    if unknown or not names:
+        raise ValueError(f"unknown photograph names {unknown}; choose from {', '.join(EXAMPLE_PHOTOGRAPHS)}.")
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise ImportError("example_photographs reads the photographs bundled with scikit-image, which is not "
+                          "installed: pip install scikit-image (or `make setup`), or use your own images "
+                          '(load_dataset("folder", root=...)).')
+    folder = Path(spec.origin).parent / "data"
+    images = torch.empty((len(names), 3, size, size), dtype=torch.float32)
+    for i, name in enumerate(names):
+        path = folder / EXAMPLE_PHOTOGRAPHS[name][0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: this scikit-image installation does not bundle the "
+                                    f"{name!r} photograph; reinstall it (pip install --force-reinstall scikit-image).")
+        images[i] = torch.from_numpy(_square_image(path, size)).permute(2, 0, 1).float() / 255.0
+    return images, names
 
 
 def dataset_status(root: str | os.PathLike | None = None) -> dict[str, str]:
