@@ -1,11 +1,14 @@
-"""AGF (Gur, Ali & Wolf, AAAI 2021): attribution-guided factorisation, compact, for the course's ResNets.
+"""AGF (Gur, Ali & Wolf, AAAI 2021): attribution-guided factorisation, compact, for the course's ResNets
+(BasicBlock: depth 10, 18, 34; Bottleneck: depth 50, e.g. ``resnet(50, 64, small_input=False)`` at 224 px).
 
 Two streams run backwards from a scalar target y per image (SCIENCE.md section 6):
 
 * the **gradient stream**: ordinary back-propagation of y (one ``torch.autograd.grad`` call);
 * the **attribution stream** Φ, started at the representation h (Eq. 8 spirit) with
-  ``Φ^(1) = h ⊙ ∂y/∂h`` and propagated with |x||w| z-rules that keep the total (Eq. 2).  At the first
-  convolution of every BasicBlock the gradient stream guides a residual that is added to it:
+  ``Φ^(1) = h ⊙ ∂y/∂h`` and propagated with |x||w| z-rules that keep the total (Eq. 2).  At one
+  convolution of every residual block, the first 3x3 of its main branch (conv1 of a BasicBlock, conv2
+  of a Bottleneck: the one that strides in a downsampling block), the gradient stream guides a residual
+  that is added to it:
 
       C = G(|x|, |W|, Φ)          = |x| ⊙ convT(Φ / conv(|x|, |W|), |W|)        absolute influence (Eq. 9)
       A = G(1, |W|, Φ)                                                          input-agnostic influence (Eq. 10)
@@ -23,9 +26,11 @@ Two streams run backwards from a scalar target y per image (SCIENCE.md section 6
 
 Other layers: BatchNorm passes Φ unchanged, ReLU keeps it where its input is > 0, the residual
 ``out = a + b`` splits it in proportion to |a| and |b| (``add_rule="absolute"``, below), the skip fork
-sums the two branches, global average pooling and max-pooling use the z-rule, conv2 and the 1x1
-shortcut convolution use the flat C rule, and the stem convolution the z^B rule with the image's min
-and max as bounds.
+sums the two branches, global average pooling and max-pooling use the z-rule, the block's other
+convolutions (conv2 of a BasicBlock; the 1x1 conv1 and conv3 of a Bottleneck) and the 1x1 shortcut
+convolution use the flat C rule, and the stem convolution the z^B rule with the image's min and max as
+bounds.  Both block types run through one code path: a block is a chain of conv-BN stages with a ReLU
+between two stages (``_MAIN_BRANCH``), a shortcut and the add.
 
 Targets: any ``target(h) -> [B]``; ``class_target(head, c)`` applies the Eq. 8 transform to a linear
 probe's logits (y_t is compared with the classes whose logits are close to it, so the map is class
@@ -34,8 +39,9 @@ specific); ``ssl_target(bank)`` is the course's label-free target (below).
 Where the course follows the authors' code (github.com/shirgur/AGFVisualization) rather than the
 paper's text:
 
-1. only conv1 of every BasicBlock is guided; conv2 and the shortcut 1x1 conv use the flat C rule
-   (Alg. 1 guides every convolution); the stem uses z^B, BatchNorm the identity;
+1. only one convolution per block is guided, conv1 of a BasicBlock and conv2 of a Bottleneck; the
+   block's other convolutions and the shortcut 1x1 conv use the flat C rule (Alg. 1 guides every
+   convolution); the stem uses z^B, BatchNorm the identity;
 2. the step function is sigmoid(10 ·) and the least squares has a ridge 1 · I (paper: sigmoid(·), none);
    background is φ < 0 strictly (paper: φ <= 0); F_x and F_∇x are not re-normalised after the relu.
 
@@ -57,8 +63,8 @@ Where the course departs from the code:
 Where the course simplifies:
 
 4. the gradient stream comes from one autograd call on the actual forward pass; ∇x at a guided conv is
-   the gradient through that conv only (the skip branch excluded, as in the code) but without the
-   code's mask 1[Φ_out ≠ 0];
+   the gradient through that conv only (at a BasicBlock's conv1 the skip branch excluded, as in the
+   code) but without the code's mask 1[Φ_out ≠ 0];
 5. the representation h (after GAP) is the output layer: there is no fc layer and no linear-layer
    residual (supplementary Eq. 1); Eq. 8's softmax-gaussian transform is applied only by
    ``class_target`` — a target that is not a class score seeds ``Φ^(1) = h ⊙ ∂y/∂h`` directly, or
@@ -111,7 +117,7 @@ from torch import nn
 from torch.nn.grad import conv2d_input
 
 from course_utils.inputs import check_features, check_images
-from course_utils.models import BasicBlock, ResNet, SimCLRModel
+from course_utils.models import BasicBlock, Bottleneck, ResNet, SimCLRModel
 from course_utils.runtime import eval_mode
 
 Target = Callable[[torch.Tensor], torch.Tensor]
@@ -227,18 +233,62 @@ def stem_zb(phi: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor
     return (x - low) * _conv_back(share, w_pos, conv, x.shape) + (x - high) * _conv_back(share, w_neg, conv, x.shape)
 
 
+# Each residual block type: its main branch as (conv, BatchNorm) attribute names in forward order, a ReLU
+# between two stages, and the stage whose convolution is guided (the first 3x3, as in the authors' code)
+_MAIN_BRANCH: dict[type, tuple[tuple[tuple[str, str], ...], int]] = {
+    BasicBlock: ((("conv1", "bn1"), ("conv2", "bn2")), 0),
+    Bottleneck: ((("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), 1),
+}
+
+
 @dataclass
 class _BlockTrace:
-    """What the backward pass of one BasicBlock needs: its input, its main-branch copy (whose
-    gradient is the one through conv1), pre-ReLU maps and the two summands of the residual add."""
+    """What the backward pass of one residual block needs: the inputs of its main-branch convolutions
+    (``inputs[0]`` is the block input, then the ReLU outputs), the guided convolution's input as it entered
+    the graph (its gradient is the one through that conv only) and the two summands of the residual add."""
 
-    block: BasicBlock
-    x: torch.Tensor
-    x_main: torch.Tensor
-    pre1: torch.Tensor
-    act1: torch.Tensor
+    block: nn.Module
+    inputs: list[torch.Tensor]
+    guided_input: torch.Tensor
     main: torch.Tensor
     skip: torch.Tensor
+
+
+def _trace_block(block: nn.Module, t: torch.Tensor) -> tuple[_BlockTrace, torch.Tensor]:
+    """Run ``block`` on t (in the graph): (its trace, its output) — the block's own forward, step by step."""
+    stages, guided = _MAIN_BRANCH[type(block)]
+    inputs, u = [], t
+    for k, (conv, bn) in enumerate(stages):
+        if k == guided:
+            u = guided_input = u.clone()  # at conv1, the skip fork: ∂y/∂u is the gradient through this conv only
+        inputs.append(u.detach())
+        u = getattr(block, bn)(getattr(block, conv)(u))
+        if k < len(stages) - 1:
+            u = torch.relu(u)
+    skip = block.shortcut(t)
+    return _BlockTrace(block, inputs, guided_input, u.detach(), skip.detach()), torch.relu(u + skip)
+
+
+def _block_relevance(trace: _BlockTrace, phi: torch.Tensor, grad: torch.Tensor, guided: bool,
+                     add_rule: str) -> torch.Tensor:
+    """Φ at a block's output -> Φ at its input: the last ReLU, the add split, the main branch conv by conv
+    (BatchNorm the identity, the guided conv with ∇x = ``grad``, the others flat, each inner ReLU a mask), the
+    shortcut (its 1x1 conv flat, its BatchNorm the identity) and the skip fork's sum."""
+    block = trace.block
+    stages, guided_stage = _MAIN_BRANCH[type(block)]
+    phi = phi * (trace.main + trace.skip > 0)  # the last ReLU
+    phi_main, phi_skip = add_split(phi, trace.main, trace.skip, add_rule)
+    for k in reversed(range(len(stages))):
+        conv, inp = getattr(block, stages[k][0]), trace.inputs[k]
+        if guided and k == guided_stage:
+            phi_main = conv_guided(phi_main, inp, grad, conv)
+        else:
+            phi_main = conv_flat(phi_main, inp, conv)
+        if k > 0:
+            phi_main = phi_main * (inp > 0)  # the ReLU that made this input
+    if not isinstance(block.shortcut, nn.Identity):  # Sequential(conv1x1, bn)
+        phi_skip = conv_flat(phi_skip, trace.inputs[0], block.shortcut[0])
+    return phi_main + phi_skip  # the skip fork
 
 
 def _check_encoder(encoder: nn.Module) -> ResNet:
@@ -248,9 +298,10 @@ def _check_encoder(encoder: nn.Module) -> ResNet:
         raise ValueError(f"AGF needs a course ResNet encoder (course_utils.models.resnet), "
                          f"got {type(encoder).__name__}")
     layers = (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
-    if any(not isinstance(block, BasicBlock) for layer in layers for block in layer):
-        raise ValueError(f"AGF here supports BasicBlock ResNets only (depth 10, 18 or 34); this encoder "
-                         f"(depth {encoder.config.get('depth')}) has Bottleneck blocks")
+    unknown = {type(block) for layer in layers for block in layer} - set(_MAIN_BRANCH)
+    if unknown:
+        raise ValueError(f"AGF here supports ResNets of BasicBlock (depth 10, 18, 34) or Bottleneck (depth 50) "
+                         f"blocks; this encoder has {', '.join(sorted(t.__name__ for t in unknown))} blocks")
     stem = list(encoder.stem)
     if not stem or not isinstance(stem[0], nn.Conv2d) or any(
             not isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d)) for m in stem[1:]):
@@ -263,8 +314,8 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
     """The AGF attribution stream, unnormalised.
 
     Args:
-        encoder: a BasicBlock ``ResNet`` (or a ``SimCLRModel``, whose encoder is used); run in eval
-            mode on its own device (its mode is restored).
+        encoder: a course ``ResNet`` of BasicBlock or Bottleneck blocks (or a ``SimCLRModel``, whose encoder
+            is used); run in eval mode on its own device (its mode is restored).
         x: images float [B, 3, H, W] in [0, 1] (``inputs.check_images``: a wrong shape, uint8, 0–255 values,
             NaN/inf or an empty batch raise ``ValueError``; float64 is converted to the encoder's dtype).
         target: ``target(h) -> [B]``, one score per image of the representation h [B, r] that
@@ -279,7 +330,8 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
         (Φ at the normalised image [B, 3, H, W], Φ^(1) [B, r]) on the encoder's device, in
         its dtype.  The totals per image agree up to what the zero denominators drop: an output unit
         whose receptive field is all zero (conv(|x|, |W|) = 0) passes no relevance back, although the
-        BatchNorm bias after it made it non-zero and the residual add gave it relevance.
+        BatchNorm bias after it made it non-zero and the residual add gave it relevance (at a Bottleneck's
+        1x1 convolutions the receptive field is one pixel: every channel of that pixel dead).
     """
     encoder = _check_encoder(encoder)
     x = check_images(x, "x", like=encoder.stem[0].weight)
@@ -296,13 +348,8 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
             traces = []
             for block in (b for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
                           for b in layer):
-                x_main = t.clone()  # the skip fork: ∂y/∂x_main is the gradient through conv1 only
-                pre1 = block.bn1(block.conv1(x_main))
-                act1 = torch.relu(pre1)
-                main, skip = block.bn2(block.conv2(act1)), block.shortcut(t)
-                traces.append(_BlockTrace(block, t.detach(), x_main, pre1.detach(), act1.detach(), main.detach(),
-                                          skip.detach()))
-                t = torch.relu(main + skip)
+                trace, t = _trace_block(block, t)
+                traces.append(trace)
             feature_map = t.detach()
             h = encoder.pool(t)
             scores = target(h)
@@ -311,7 +358,7 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
                 raise ValueError(f"the target must give one score per image, shape [{x.shape[0]}], got {shape}")
             if not scores.requires_grad:
                 raise ValueError("the target does not depend on the representation h")
-            grads = torch.autograd.grad(scores.sum(), [h, *(tr.x_main for tr in traces)], allow_unused=True)
+            grads = torch.autograd.grad(scores.sum(), [h, *(tr.guided_input for tr in traces)], allow_unused=True)
         if grads[0] is None:
             raise ValueError("the target does not depend on the representation h")
         with torch.no_grad():
@@ -321,17 +368,7 @@ def agf_relevance(encoder: nn.Module, x: torch.Tensor, target: Target, guided: b
                 raise ValueError(f"relevance_seed must return [B, r] = {tuple(h.shape)}, got {tuple(phi_h.shape)}")
             phi = gap_split(phi_h, feature_map)
             for trace, grad in zip(reversed(traces), reversed(grads[1:])):
-                block = trace.block
-                phi = phi * (trace.main + trace.skip > 0)  # relu2
-                phi_main, phi_skip = add_split(phi, trace.main, trace.skip, add_rule)
-                phi_main = conv_flat(phi_main, trace.act1, block.conv2) * (trace.pre1 > 0)  # bn2, conv2, relu1, bn1
-                if guided:
-                    phi_main = conv_guided(phi_main, trace.x, grad, block.conv1)
-                else:
-                    phi_main = conv_flat(phi_main, trace.x, block.conv1)
-                if not isinstance(block.shortcut, nn.Identity):  # Sequential(conv1x1, bn): bn is the identity
-                    phi_skip = conv_flat(phi_skip, trace.x, block.shortcut[0])
-                phi = phi_main + phi_skip  # the skip fork
+                phi = _block_relevance(trace, phi, grad, guided, add_rule)
             for module, inp in zip(reversed(encoder.stem), reversed(stem_inputs)):
                 if isinstance(module, nn.ReLU):
                     phi = phi * (inp > 0)
