@@ -6,7 +6,7 @@ from torch import nn
 
 from course_utils.explain.gradcam import layer_gradient
 from course_utils.explain.concepts import (
-    concept_activation_vector, layer_activations, prototypes, tcav, tcav_concepts, tcav_score,
+    concept_activation_vector, layer_activations, prototypes, tcav, tcav_concepts, tcav_score, tcav_targets,
 )
 
 
@@ -56,6 +56,24 @@ def test_tcav_of_several_concepts_at_once_equals_one_call_per_concept():
         alone = tcav(model, model.layer, inputs, lambda y: y, examples, randoms)
         assert together[name].scores == alone.scores and together[name].p_value == alone.p_value
     assert together["red"].random_scores == together["blue"].random_scores  # one shared null distribution
+
+
+def test_tcav_of_several_targets_shares_the_cavs_and_equals_one_call_per_target():
+    """Two targets that read red with opposite signs: the shared CAVs give each target exactly the scores and
+    p-values of its own tcav_concepts call, and the two targets' verdicts on red differ."""
+    model = RednessModel()
+    red = random_images(30, 0)
+    red[:, 0] = 0.8 + 0.2 * red[:, 0]
+    randoms = [random_images(30, seed) for seed in range(1, 6)]
+    targets = {"more red": (random_images(20, 100), lambda y: y), "less red": (random_images(15, 200), lambda y: -y)}
+    together = tcav_targets(model, model.layer, targets, {"red": red}, randoms)
+    for key, (inputs, target) in targets.items():
+        alone = tcav_concepts(model, model.layer, inputs, target, {"red": red}, randoms)["red"]
+        assert together[key]["red"].scores == alone.scores and together[key]["red"].p_value == alone.p_value
+        assert together[key]["red"].random_scores == alone.random_scores
+    assert together["more red"]["red"].significant and not together["less red"]["red"].significant
+    with pytest.raises(ValueError, match="at least one target"):
+        tcav_targets(model, model.layer, {}, {"red": red}, randoms)
 
 
 def test_a_concept_that_lowers_the_target_is_not_used_and_many_concepts_are_fdr_corrected():

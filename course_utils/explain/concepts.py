@@ -163,12 +163,27 @@ def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, targ
     scores lie significantly *above* the random CAVs' after a Benjamini–Hochberg correction at
     q = ``alpha`` across the concepts tested in this call.
     """
+    return tcav_targets(model, layer, {"target": (inputs, target)}, concepts, random_sets, alpha, batch_size)["target"]
+
+
+def tcav_targets(model: nn.Module, layer: nn.Module, targets: Mapping[object, tuple[torch.Tensor, Target]],
+                 concepts: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], random_sets: Sequence[torch.Tensor],
+                 alpha: float = 0.05, batch_size: int = 256) -> dict[object, dict[str, TCAVResult]]:
+    """``tcav_concepts`` for several targets (e.g. every class's logit on that class's inputs) with the CAVs
+    trained once: ``{key: {concept: TCAVResult}}`` for ``targets = {key: (inputs [N, 3, H, W], target)}``.
+
+    The CAVs depend only on the concept and random images, so sharing them gives, for every target, exactly
+    what a separate ``tcav_concepts`` call gives, at the cost of one set of CAV fits. The Benjamini–Hochberg
+    correction runs per target, across its concepts (as in ``tcav_concepts``).
+    """
     from course_utils.stats import benjamini_hochberg
 
     if len(random_sets) < 3:
         raise ValueError(f"the significance test needs at least 3 random sets, got {len(random_sets)}")
     if not concepts:
         raise ValueError("give at least one concept: {name: concept images}")
+    if not targets:
+        raise ValueError("give at least one target: {key: (inputs, target)}")
     samples, labels = {}, {}
     for name, concept in concepts.items():
         if isinstance(concept, torch.Tensor):
@@ -182,30 +197,39 @@ def tcav_concepts(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, targ
             labels[name] = [f"concept {name!r} sample {i}" for i in range(len(samples[name]))]
     # every image set through the input guard before any work: a NaN or uint8 set raises, naming itself,
     # instead of giving a score (NaN activations once gave 0.92 and "significant")
-    check_images(inputs, "inputs")
+    for key, (inputs, _) in targets.items():
+        check_images(inputs, "inputs" if len(targets) == 1 else f"inputs of target {key!r}")
     for i, random_set in enumerate(random_sets):
         check_images(random_set, f"random set {i}")
     for name, per_set in samples.items():
         for i, (sample, label) in enumerate(zip(per_set, labels[name])):
             if i == 0 or sample is not per_set[i - 1]:  # a reused sample once
                 check_images(sample, label)
-    _, gradients = _capture(model, layer, inputs, target, batch_size, "inputs")
     random_acts = [_capture(model, layer, r, None, batch_size, f"random set {i}")[0]
                    for i, r in enumerate(random_sets)]
-    random_scores = [tcav_score(gradients, concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)]))
-                     for i in range(len(random_acts))]
-    measured = {}
+    random_cavs = [concept_activation_vector(random_acts[i], random_acts[(i + 1) % len(random_acts)])
+                   for i in range(len(random_acts))]
+    concept_cavs = {}
     for name, per_set in samples.items():
         if per_set[0] is per_set[-1]:  # one reused sample: its activations once
             concept_acts = [_capture(model, layer, per_set[0], None, batch_size, labels[name][0])[0]] * len(per_set)
         else:
             concept_acts = [_capture(model, layer, sample, None, batch_size, label)[0]
                             for sample, label in zip(per_set, labels[name])]
-        scores = [tcav_score(gradients, concept_activation_vector(c, r)) for c, r in zip(concept_acts, random_acts)]
-        measured[name] = (scores, tcav_p_value(scores, random_scores))
-    used = benjamini_hochberg([p for _, p in measured.values()], q=alpha)
-    return {name: TCAVResult(float(np.mean(scores)), scores, random_scores, p, bool(significant))
-            for (name, (scores, p)), significant in zip(measured.items(), used)}
+        concept_cavs[name] = [concept_activation_vector(c, r) for c, r in zip(concept_acts, random_acts)]
+    results = {}
+    for key, (inputs, target) in targets.items():
+        _, gradients = _capture(model, layer, inputs, target, batch_size,
+                                "inputs" if len(targets) == 1 else f"inputs of target {key!r}")
+        random_scores = [tcav_score(gradients, cav) for cav in random_cavs]
+        measured = {}
+        for name, cavs in concept_cavs.items():
+            scores = [tcav_score(gradients, cav) for cav in cavs]
+            measured[name] = (scores, tcav_p_value(scores, random_scores))
+        used = benjamini_hochberg([p for _, p in measured.values()], q=alpha)
+        results[key] = {name: TCAVResult(float(np.mean(scores)), scores, random_scores, p, bool(significant))
+                        for (name, (scores, p)), significant in zip(measured.items(), used)}
+    return results
 
 
 @dataclass
