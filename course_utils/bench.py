@@ -3,15 +3,21 @@
 Every row compares a course pipeline with the naive pipeline for the same work,
 measured in the same run on the same machine, and reports the ratio; absolute
 times depend on the machine and are printed for information only.
-Later parts of the course add their rows to ``BENCHMARKS``.
+Later parts of the course add their rows to ``BENCHMARKS``.  Rows that state a peak memory (the ``224`` rows)
+measure it as the increase over what the process held before the run: on CUDA
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, on a Linux CPU the resident set's high-water
+mark (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``, after ``malloc_trim`` hands freed memory back);
+elsewhere "—".
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +29,12 @@ import torch.nn.functional as F
 from course_utils.data import shapes
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.shapes import ShapesWorld
+from course_utils.explain.gradcam import gradcam, squared_norm
 from course_utils.explain.qscore import qscore
 from course_utils.explain.relax import relax, relax_masks
 from course_utils.models import SimCLRModel, atomic_write, load_pretrained, resnet
-from course_utils.runtime import autocast, environment_report, format_report, get_device, quick_mode
+from course_utils.runtime import (autocast, environment_report, fitting_batch_size, format_report, get_device,
+                                  quick_mode)
 from course_utils.simclr import nt_xent, train_simclr
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results.json"
@@ -34,7 +42,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results.json"
 
 @dataclass
 class BenchRow:
-    """One measurement: course pipeline vs naive pipeline, in items per second."""
+    """One measurement: course pipeline vs naive pipeline, in items per second, and where measured the peak
+    memory of each run in bytes (None: not measured)."""
 
     name: str
     workload: str
@@ -42,6 +51,8 @@ class BenchRow:
     course: float
     naive: float
     target: str
+    peak_memory: float | None = None
+    naive_peak_memory: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -56,6 +67,74 @@ def _best_of(repeats: int, fn: Callable[[], object]) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes; None where there is none (not Linux)."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...`` then ``peak.bytes``: the peak memory above what was held on
+    entry, or None where it cannot be measured.
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus the allocation on entry.  CPU on
+    Linux: glibc's ``malloc_trim`` first hands freed memory back (else a run reusing a previous run's freed
+    memory shows no increase), then writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` to ``VmRSS``; the
+    peak is ``VmHWM`` on exit minus ``VmRSS`` on entry."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.bytes, self._base = device, None, None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.device.type == "cpu":
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                _CLEAR_REFS.write_text("5")
+                self._base = _status_bytes("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = float(torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            peak = _status_bytes("VmHWM")
+            self.bytes = float(max(0, peak - self._base)) if peak is not None else None
+
+
+def _interleaved(device: torch.device, repeats: int, *fns: Callable[[], object]) -> list[tuple[float, float | None]]:
+    """For each function: (best wall-clock time in seconds, peak memory in bytes or None) over ``repeats``
+    rounds that call the functions in turn, so that load from other processes on a shared machine falls on
+    all of them alike."""
+    seconds = [float("inf")] * len(fns)
+    peaks: list[float | None] = [None] * len(fns)
+    for _ in range(repeats):
+        for index, fn in enumerate(fns):
+            with PeakMemory(device) as peak:
+                seconds[index] = min(seconds[index], _best_of(1, fn))
+            if peak.bytes is not None:
+                peaks[index] = max(peaks[index] or 0.0, peak.bytes)
+    return list(zip(seconds, peaks))
 
 
 def bench_shapes(quick: bool) -> BenchRow:
@@ -229,8 +308,25 @@ def bench_relax(quick: bool) -> list[BenchRow]:
         _synchronise(device)
 
     course = _best_of(2, course_relax)
-    masked = (image * relax_masks(num_masks, 32, generator=generator, device=device)[:, None]).split(batch_size)
-    masks = relax_masks(loop_masks, 32, generator=generator, device=device)
+    masks = relax_masks(num_masks, 32, generator=generator, device=device)
+    plain_forwards, one_forward_per_mask = _relax_naive(encoder, image, masks, batch_size, loop_masks, device)
+    plain = _best_of(2, plain_forwards)
+    loop = _best_of(1, one_forward_per_mask)
+    workload = f"ResNet-10 w32, 32 px, {num_masks} masks, batches of {batch_size}, {device.type}"
+    return [
+        BenchRow("RELAX (vs plain batched forwards)", workload, "masks/s", num_masks / course, num_masks / plain,
+                 ">= 0.8x"),
+        BenchRow("RELAX (vs one forward per mask)", workload + f"; loop over {loop_masks} masks", "masks/s",
+                 num_masks / course, loop_masks / loop, ">= 3x CPU, >= 20x GPU"),
+    ]
+
+
+def _relax_naive(encoder: torch.nn.Module, image: torch.Tensor, masks: torch.Tensor, batch_size: int,
+                 loop_masks: int, device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """RELAX's two naive pipelines, under the same autocast as ``relax``: plain batched forwards of the masked
+    images (made beforehand, so only the forward passes are timed) and the reference code's one forward per mask
+    (over the first ``loop_masks`` masks)."""
+    masked = (image * masks[:, None]).split(batch_size)
 
     def plain_forwards() -> None:
         with torch.no_grad(), autocast(device):
@@ -241,18 +337,10 @@ def bench_relax(quick: bool) -> list[BenchRow]:
     def one_forward_per_mask() -> None:
         with torch.no_grad(), autocast(device):
             h = encoder(image[None]).float()
-            for mask in masks:
+            for mask in masks[:loop_masks]:
                 F.cosine_similarity(h, encoder((image * mask)[None]).float()).item()
 
-    plain = _best_of(2, plain_forwards)
-    loop = _best_of(1, one_forward_per_mask)
-    workload = f"ResNet-10 w32, 32 px, {num_masks} masks, batches of {batch_size}, {device.type}"
-    return [
-        BenchRow("RELAX (vs plain batched forwards)", workload, "masks/s", num_masks / course, num_masks / plain,
-                 ">= 0.8x"),
-        BenchRow("RELAX (vs one forward per mask)", workload + f"; loop over {loop_masks} masks", "masks/s",
-                 num_masks / course, loop_masks / loop, ">= 3x CPU, >= 20x GPU"),
-    ]
+    return plain_forwards, one_forward_per_mask
 
 
 def bench_qscore(quick: bool) -> BenchRow:
@@ -280,33 +368,122 @@ def bench_qscore(quick: bool) -> BenchRow:
                     n / seconds, loop_n / naive, "100k x 512 in < 1 s")
 
 
-def bench_occlusion(quick: bool) -> BenchRow:
-    """Conditional occlusion of a pair: all occluded copies as batches vs one forward per patch."""
-    from course_utils.explain.pairs import conditional_occlusion, patch_masks, projection
+def _occlusion_runs(embed: Callable[[torch.Tensor], torch.Tensor], x1: torch.Tensor, x2: torch.Tensor, stride: int,
+                    device: torch.device) -> tuple[Callable[[], None], Callable[[], None], int]:
+    """Conditional occlusion of the pair (x1, x2) with the default patch: the course's batched call, the loop with
+    one forward per occluded copy (both images), and the number of occluded copies."""
+    from course_utils.explain.pairs import conditional_occlusion, patch_masks
 
-    device = get_device()
-    model = load_pretrained("simclr-shapes-r10").to(device).eval()
-    embed = projection(model)
-    x1, x2 = (ShapesWorld(n=2, seed=0, split="test").images.float() / 255).to(device)
-    stride = 4 if quick else 2
-    masks = patch_masks(32, stride=stride).to(device)
+    patches = patch_masks(x1.shape[-1], stride=stride).to(device)
+
     def batched_pair() -> None:
         conditional_occlusion(embed, x1, x2, stride=stride)
         _synchronise(device)
 
     def one_by_one() -> None:
         with torch.no_grad():
-            z2 = embed(x2[None])
-            for mask in masks:
-                F.cosine_similarity(embed(torch.where(mask, torch.zeros_like(x1), x1)[None]), z2)
+            for image, other in ((x1, x2), (x2, x1)):
+                z = embed(other[None])
+                for patch in patches:
+                    F.cosine_similarity(embed(torch.where(patch, torch.zeros_like(image), image)[None]), z)
         _synchronise(device)
 
-    batched = _best_of(2, batched_pair)
+    return batched_pair, one_by_one, 2 * len(patches)
 
-    loop = _best_of(1, one_by_one) * 2  # both images of the pair
-    patches = 2 * len(masks)
-    return BenchRow("Conditional occlusion of a pair", f"{len(masks)} patches per image (9 px, stride {stride}), "
+
+def bench_occlusion(quick: bool) -> BenchRow:
+    """Conditional occlusion of a pair: all occluded copies as batches vs one forward per patch."""
+    from course_utils.explain.pairs import projection
+
+    device = get_device()
+    model = load_pretrained("simclr-shapes-r10").to(device).eval()
+    x1, x2 = (ShapesWorld(n=2, seed=0, split="test").images.float() / 255).to(device)
+    stride = 4 if quick else 2
+    batched_pair, one_by_one, patches = _occlusion_runs(projection(model), x1, x2, stride, device)
+    batched = _best_of(2, batched_pair)
+    loop = _best_of(1, one_by_one)
+    return BenchRow("Conditional occlusion of a pair", f"{patches // 2} patches per image (9 px, stride {stride}), "
                     f"both images, {device.type}", "patches/s", patches / batched, patches / loop, "batched > loop")
+
+
+def bench_224(quick: bool) -> list[BenchRow]:
+    """The explainers at ImageNet size: a ResNet-50 (``resnet(50, 64, small_input=False)``, random weights,
+    eval mode) on 224 px ShapesWorld images, each course pipeline against its loop, with the peak memory of
+    both runs.  Under ``autocast`` (the course's precision), except the occlusions, which run in fp32 by design.
+
+    * Grad-CAM of an SSL target (``squared_norm``, at layer4): one batched call vs one image at a time.
+    * RELAX: ``relax`` with ``batch_size=None`` (fit memory, at most 100 per pass) vs plain batched forwards of
+      the same masked images and vs the reference code's one forward per mask.
+    * Conditional occlusion of a pair: batched (``batch_size=None``) vs one forward per patch.
+
+    The pipelines of a row run in turn, twice (full mode), and each keeps its best time.
+    """
+    device = get_device()
+    gpu = device.type == "cuda" and not quick
+    torch.manual_seed(0)
+    model = SimCLRModel(resnet(50, 64, small_input=False)).to(device).eval()
+    encoder = model.encoder
+    cam_images, num_masks, loop_masks, stride, repeats = (2, 8, 2, 160, 1) if quick else (8, 50, 10, 48, 2)
+    if gpu:
+        cam_images, num_masks, loop_masks, stride = 64, 2000, 200, 8
+    world = ShapesWorld(n=max(2, cam_images), size=224, seed=0, split="test")
+    images = (world.images.float() / 255).to(device)
+    arch = f"ResNet-50 (random weights), 224 px, {device.type}"
+    rows = []
+
+    x = images[:cam_images]
+    target, layer = squared_norm(), encoder.layer4
+
+    def cam_batched() -> None:
+        with autocast(device):
+            gradcam(model, layer, x, target)
+        _synchronise(device)
+
+    def cam_one_by_one() -> None:
+        with autocast(device):
+            for i in range(len(x)):
+                gradcam(model, layer, x[i:i + 1], target)
+        _synchronise(device)
+
+    with autocast(device):  # warm-up: first-call allocations, oneDNN/cuDNN primitives
+        gradcam(model, layer, x[:1], target)
+    (batched, batched_peak), (loop, loop_peak) = _interleaved(device, repeats, cam_batched, cam_one_by_one)
+    rows.append(BenchRow("Grad-CAM at 224 px (batched vs one image at a time)",
+                         f"{arch}; SSL target ||h||², layer4, {cam_images} images", "images/s",
+                         cam_images / batched, cam_images / loop, "batched > loop", batched_peak, loop_peak))
+
+    image = images[0]
+    batch_size = fitting_batch_size(encoder, image.shape, None, cap=100, under_autocast=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def course_relax() -> None:
+        relax(encoder, image, num_masks, None, generator=generator, progress=False)
+        _synchronise(device)
+
+    masks = relax_masks(num_masks, 224, generator=torch.Generator().manual_seed(1), device=device)
+    plain_forwards, one_forward_per_mask = _relax_naive(encoder, image, masks, batch_size, loop_masks, device)
+    (course, course_peak), (plain, plain_peak), (loop, loop_peak) = _interleaved(
+        device, repeats, course_relax, plain_forwards, one_forward_per_mask)
+    workload = f"{arch}; {num_masks} masks, batch_size=None (fits {batch_size}: {min(num_masks, batch_size)} per pass)"
+    rows += [
+        BenchRow("RELAX at 224 px (vs plain batched forwards)", workload, "masks/s", num_masks / course,
+                 num_masks / plain, ">= 0.8x on a GPU", course_peak, plain_peak),
+        BenchRow("RELAX at 224 px (vs one forward per mask)", workload + f"; loop over {loop_masks} masks", "masks/s",
+                 num_masks / course, loop_masks / loop, "batched > loop", course_peak, loop_peak),
+    ]
+
+    from course_utils.explain.pairs import projection
+
+    embed = projection(model)
+    x1, x2 = images[0], images[1]
+    batched_pair, one_by_one, count = _occlusion_runs(embed, x1, x2, stride, device)
+    (batched, batched_peak), (loop, loop_peak) = _interleaved(device, repeats, batched_pair, one_by_one)
+    occlusion_batch = fitting_batch_size(embed, x1.shape, None, cap=min(256, count // 2), device=device)
+    rows.append(BenchRow("Conditional occlusion at 224 px (batched vs one forward per patch)",
+                         f"{arch}, fp32; {count // 2} patches per image (64 px, stride {stride}), both images, "
+                         f"batch_size=None -> {occlusion_batch} per pass", "patches/s",
+                         count / batched, count / loop, "batched > loop", batched_peak, loop_peak))
+    return rows
 
 
 def _synchronise(device: torch.device) -> None:
@@ -322,19 +499,36 @@ BENCHMARKS: dict[str, Callable[[bool], BenchRow | list[BenchRow]]] = {
     "relax": bench_relax,
     "qscore": bench_qscore,
     "occlusion": bench_occlusion,
+    "224": bench_224,
 }
 
 
+def format_bytes(value: float | None) -> str:
+    """Bytes as "1.2 GB" / "340 MB" / "12 kB" (decimal units); "—" for None (not measured)."""
+    if value is None:
+        return "—"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.{1 if unit == 'GB' else 0}f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _rate(value: float, unit: str) -> str:
+    return f"{value:,.{1 if value < 10 else 0}f} {unit}"
+
+
 def format_table(rows: list[BenchRow]) -> str:
-    """A Markdown table of the rows."""
+    """A Markdown table of the rows; the peak memory column reads "course / naive" ("—" where not measured)."""
     lines = [
-        "| benchmark | workload | course | naive | ratio | target |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | workload | course | naive | ratio | target | peak memory (course / naive) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        memory = "—" if r.peak_memory is None and r.naive_peak_memory is None else \
+            f"{format_bytes(r.peak_memory)} / {format_bytes(r.naive_peak_memory)}"
         lines.append(
-            f"| {r.name} | {r.workload} | {r.course:,.0f} {r.unit} | {r.naive:,.0f} {r.unit} | "
-            f"{r.ratio:.1f}x | {r.target} |"
+            f"| {r.name} | {r.workload} | {_rate(r.course, r.unit)} | {_rate(r.naive, r.unit)} | "
+            f"{r.ratio:.1f}x | {r.target} | {memory} |"
         )
     return "\n".join(lines)
 

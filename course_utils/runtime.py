@@ -5,6 +5,8 @@
   (CUDA with bf16 support, CPUs with avx512_bf16 or AMX) and a no-op elsewhere;
   ``COURSE_PRECISION=fp32`` turns it off (``precision_mode()``: "auto" or "fp32").
 * ``quick_mode()`` is true under ``COURSE_QUICK=1`` (CI and ``make test``).
+* ``fitting_batch_size(model, image_shape)`` is the largest batch of a no-grad forward pass that fits in the
+  free memory of the device (capped at the caller's default); explainers use it for ``batch_size=None``.
 * Environment values outside the documented ones raise ValueError naming the allowed values.
 * Importing this module caps PyTorch's CPU threads at the container's CPU quota (``cpu_quota()``):
   a Binder pod or CI container on a 64-core host with a 2-CPU quota would otherwise run 64
@@ -14,11 +16,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import random
 import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ _FALSE = ("0", "false", "no", "off")
 PRECISIONS = ("auto", "fp32")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 _CPUINFO = Path("/proc/cpuinfo")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def cpu_quota(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
@@ -218,3 +223,170 @@ def format_report(report: dict[str, str]) -> str:
     """A two-column text table of a report dict."""
     width = max(map(len, report))
     return "\n".join(f"{key:<{width}}  {value}" for key, value in report.items())
+
+
+# Peak memory of a no-grad forward pass, per image: ACTIVATION_FACTOR x the largest tensor that any module
+# returns (a layer's input and output, a residual branch kept alive, convolution workspace; measured 4-5.5x
+# for a ResNet-50 at 224 px on a CPU) plus INPUT_COPIES x the input image (the caller's masked or occluded
+# copies, blend temporaries and the model's normalised copy).
+ACTIVATION_FACTOR = 6
+INPUT_COPIES = 4
+MEMORY_SAFETY = 0.5  # share of the available memory a batch may use (other processes, allocator caches)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _cgroup_memory_left(cgroup_root: Path) -> int | None:
+    """Bytes left under the cgroup's memory limit (v2 ``memory.max`` - ``memory.current``, v1
+    ``memory.limit_in_bytes`` - ``memory.usage_in_bytes``); None without a limit or where unreadable."""
+    for limit_name, usage_name in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit_text = (cgroup_root / limit_name).read_text().strip()
+            if limit_text == "max":
+                return None
+            limit, usage = int(limit_text), int((cgroup_root / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 2**60:  # v1 writes "no limit" as a page-rounded 2**63
+            return None
+        return max(0, limit - usage)
+    return None
+
+
+def _available_bytes(device: torch.device, meminfo: str | os.PathLike = _MEMINFO,
+                     cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """Memory a new batch may take on ``device``, in bytes, before the safety fraction; None where unknown.
+
+    CUDA: free device memory (``torch.cuda.mem_get_info``) plus what PyTorch's cache holds unused.
+    CPU: ``MemAvailable`` of ``/proc/meminfo``, or less if the cgroup's memory limit leaves less.
+    MPS: the recommended working set minus what is allocated."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        try:
+            return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+        except (AttributeError, RuntimeError):
+            return None
+    candidates = []
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                value, unit = line.split(":", 1)[1].split()[:2]
+                candidates.append(int(value) * (1024 if unit.lower() == "kb" else 1))
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    left = _cgroup_memory_left(Path(cgroup_root))
+    if left is not None:
+        candidates.append(left)
+    return min(candidates) if candidates else None
+
+
+def _forward_bytes_per_image(model: Callable[[torch.Tensor], Any], image_shape: tuple[int, ...],
+                             device: torch.device, dtype: torch.dtype, under_autocast: bool) -> int:
+    """Estimated peak bytes per image of a no-grad forward pass, from a forward pass of two blank images with
+    a global forward hook that records the largest tensor any module returns.  Every module runs in eval mode
+    (restored afterwards), so the probe leaves BatchNorm statistics as they were."""
+    largest = 0
+
+    def record(_module: torch.nn.Module | None, _inputs: Any, output: Any) -> None:
+        nonlocal largest
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                largest = max(largest, tensor.numel() * tensor.element_size())
+
+    switched: list[torch.nn.Module] = []
+
+    def evaluate(module: torch.nn.Module, _inputs: Any) -> None:
+        if module.training:  # the probe must not move BatchNorm's running statistics, whatever calls the module
+            switched.append(module)
+            module.training = False
+
+    probe = torch.zeros(2, *image_shape, device=device, dtype=dtype)
+    handles = (torch.nn.modules.module.register_module_forward_pre_hook(evaluate),
+               torch.nn.modules.module.register_module_forward_hook(record))
+    try:
+        with torch.no_grad(), (autocast(device) if under_autocast else contextlib.nullcontext()):
+            output = model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in switched:
+            module.training = True
+    record(None, (), output)  # a model without modules (a plain function) still has an output
+    input_bytes = probe[0].numel() * probe.element_size()
+    return ACTIVATION_FACTOR * max(largest // 2, input_bytes) + INPUT_COPIES * input_bytes
+
+
+def fitting_batch_size(model: Callable[[torch.Tensor], Any], image_shape: Sequence[int], requested: int | None = None,
+                       *, cap: int = 256, budget_bytes: float | None = None, safety: float = MEMORY_SAFETY,
+                       device: torch.device | str | None = None, under_autocast: bool = False,
+                       per_image_bytes: int | None = None, name: str = "batch_size") -> int:
+    """The batch size for no-grad forward passes of ``model``: ``requested`` if given (checked), else the
+    largest batch that fits in memory, at most ``cap``.
+
+    What an explainer's ``batch_size=None`` means.  The memory per image is estimated from one forward pass
+    of two blank images: ``ACTIVATION_FACTOR`` (6) x the largest tensor a module returns plus ``INPUT_COPIES``
+    (4) x the image (e.g. 22 MB for a ResNet-50 at 224 px in fp32, 0.8 MB for the course's ResNet-10 w32 at
+    32 px).  The budget is ``safety`` (0.5) x the available memory: on CUDA the free device memory plus
+    PyTorch's unused cache, on a CPU ``MemAvailable`` (``/proc/meminfo``) or the cgroup limit's remainder if
+    smaller; where neither can be read (macOS CPU) the batch is ``cap``.  The cap keeps today's defaults, so
+    small images give the same batches, and so the same numbers, as before.
+
+    Args:
+        model: a module or any function of images [B, *image_shape] (e.g. ``pairs.projection(model)``); the
+            modules it calls are seen through global forward hooks and run in eval mode for the probe (their
+            mode is restored, BatchNorm statistics stay unchanged).
+        image_shape: one image's shape [C, H, W].
+        requested: an explicit batch size: returned as it is after checking it is a positive integer.
+        cap: the largest batch returned (the caller's former fixed default).
+        budget_bytes: the memory the batch may use, instead of ``safety`` x the available memory.
+        safety: the share of the available memory in (0, 1].
+        device: where the forward passes run (default: the device of the model's parameters, else the CPU).
+        under_autocast: estimate the probe under ``autocast(device)``, as the caller runs it (bf16 halves it).
+        per_image_bytes: a known per-image peak, which skips the probe forward pass.
+        name: the argument's name in error messages.
+    Returns:
+        an int in [1, cap]: 1 when even one image exceeds the budget (the estimate is conservative).
+    Raises:
+        ValueError: ``requested``, ``cap`` or ``per_image_bytes`` is not a positive integer, ``budget_bytes`` is
+            not a positive number, ``safety`` is outside (0, 1] or ``image_shape`` is not [C, H, W].
+    """
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
+            raise ValueError(f"{name} must be a positive integer (images per forward pass) or None (the largest "
+                             f"batch that fits in memory, at most {cap}), got {requested!r}")
+        return int(requested)
+    cap = _positive_int(cap, "cap")
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
+                                     or not math.isfinite(budget_bytes) or budget_bytes <= 0):
+        raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
+    if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not 0 < safety <= 1:
+        raise ValueError(f"safety must be a fraction in (0, 1], got {safety!r}")
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
+                                  for d in shape):
+        raise ValueError(f"image_shape must be one image's [C, H, W] with positive sizes, got {shape}")
+    if cap == 1:
+        return 1  # nothing to measure
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if device is None:
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    if budget_bytes is None:
+        available = _available_bytes(device)
+        if available is None:
+            return cap
+        budget_bytes = safety * available
+    if per_image_bytes is None:
+        dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+        per_image_bytes = _forward_bytes_per_image(model, tuple(int(d) for d in shape), device, dtype, under_autocast)
+    else:
+        per_image_bytes = _positive_int(per_image_bytes, "per_image_bytes")
+    return max(1, min(cap, int(budget_bytes // per_image_bytes)))

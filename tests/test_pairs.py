@@ -87,6 +87,46 @@ def test_conditional_occlusion_equals_a_patch_by_patch_loop(pair):
     assert torch.allclose(map1, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", [conditional_occlusion, context_agnostic_occlusion, pairwise_occlusion])
+def test_batch_size_none_fits_memory_and_gives_the_maps_of_an_explicit_batch_size(method, pair, monkeypatch):
+    from course_utils import runtime
+
+    model = QuadrantModel().eval()
+    batches = []
+
+    def embed(images):
+        batches.append(images.shape[0])
+        return model(images)[1]
+
+    def run(batch_size):
+        batches.clear()
+        if method is pairwise_occlusion:
+            return method(embed, *pair, samples=120, generator=torch.Generator().manual_seed(0), batch_size=batch_size)
+        return method(embed, *pair, patch=4, stride=1, batch_size=batch_size)  # 169 patches
+
+    explicit = run(256)
+    monkeypatch.setattr(runtime, "_available_bytes", lambda device: 10**12)  # plenty: the old default, 256
+    plenty = run(None)
+    assert max(batches) == (120 if method is pairwise_occlusion else 169)  # everything in one pass, as before
+    per_image = int(1e9 // runtime.fitting_batch_size(embed, (3, SIZE, SIZE), budget_bytes=1e9, cap=10**9))
+    monkeypatch.setattr(runtime, "_available_bytes", lambda device: 2 * 30 * per_image)  # room for ~30 images
+    small = run(None)
+    assert 20 <= max(batches) <= 30  # smaller batches
+    for a, b, c in zip(explicit, plenty, small):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_bad_batch_size_raises_a_clear_error(pair, batch_size):
+    embed = projection(QuadrantModel().eval())
+    for call in (lambda: conditional_occlusion(embed, *pair, batch_size=batch_size),
+                 lambda: pairwise_occlusion(embed, *pair, batch_size=batch_size),
+                 lambda: pixel_invariance(embed, pair[0], lambda v: v, n_augments=4, epochs=1, batch_size=batch_size)):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            call()
+
+
 def test_pairwise_occlusion_credits_erasures_in_the_seen_quadrant_and_is_seeded(pair):
     model = QuadrantModel().eval()
     maps = pairwise_occlusion(projection(model), *pair, samples=200, temperature=0.01,

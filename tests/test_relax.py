@@ -87,6 +87,41 @@ def test_batched_relax_equals_relax_image_by_image_with_the_same_masks(small_enc
         torch.testing.assert_close(batched.similarities[i], single.similarities, atol=1e-5, rtol=0)
 
 
+class _BatchRecorder(nn.Module):
+    """Wraps an encoder and records the batch size of every forward pass."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.batches = encoder, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.encoder(x)
+
+
+def test_batch_size_none_fits_memory_and_gives_the_maps_of_an_explicit_batch_size(small_encoder, fp32, monkeypatch):
+    from course_utils import runtime
+
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(5))
+    run = lambda encoder, batch_size: relax(encoder, image, 250, batch_size, progress=False,  # noqa: E731
+                                            generator=torch.Generator().manual_seed(6))
+    explicit = run(small_encoder, 100)
+    monkeypatch.setattr(runtime, "_available_bytes", lambda device: 10**12)  # plenty: the old default, 100
+    recorder = _BatchRecorder(small_encoder)
+    fitted = run(recorder, None)
+    assert max(recorder.batches) == 100
+    for field in ("importance", "uncertainty", "u_relax", "similarities"):
+        assert torch.equal(getattr(fitted, field), getattr(explicit, field))
+    per_image = runtime.fitting_batch_size(small_encoder, (3, 16, 16), budget_bytes=1e9, cap=10**9)
+    per_image = int(1e9 // per_image)  # upper bound of the estimate
+    monkeypatch.setattr(runtime, "_available_bytes", lambda device: 2 * 30 * per_image)  # room for ~30 images
+    recorder = _BatchRecorder(small_encoder)
+    small = run(recorder, None)
+    assert 20 <= max(recorder.batches[1:]) <= 30 and len(recorder.batches) > 8  # smaller batches, more passes
+    for field in ("importance", "uncertainty", "u_relax", "similarities"):
+        torch.testing.assert_close(getattr(small, field), getattr(explicit, field), atol=1e-5, rtol=1e-4)
+
+
 def test_a_simclr_model_is_explained_through_its_representation(fp32):
     torch.manual_seed(0)
     model = SimCLRModel(resnet(10, 8)).eval()
@@ -169,7 +204,7 @@ def test_other_fills_replace_masked_pixels_with_the_fill(fill, fp32):
     image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     masks = torch.zeros(2, 8, 8)
     relax(Recorder(), image, masks=masks, fill=fill)
-    masked = seen[1][0]  # the first fully masked copy
+    masked = seen[-1][0]  # the first fully masked copy (the last forward pass: one batch of masked copies)
     expected = {"mean": image.mean((1, 2), keepdim=True).expand_as(image), 0.5: torch.full_like(image, 0.5)}
     if fill == "blur":
         assert masked.std() < image.std() / 2  # smoothed, not the image and not a constant
@@ -184,7 +219,9 @@ def test_other_fills_replace_masked_pixels_with_the_fill(fill, fp32):
     ({"image": torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)}, "float"),
     ({"image": torch.full((3, 16, 16), float("nan"))}, "NaN"),
     ({"num_masks": 1}, "num_masks"),
-    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+    ({"batch_size": True}, "batch_size must be a positive integer"),
     ({"masks": torch.rand(5, 8, 8)}, "image size"),
     ({"masks": torch.rand(1, 16, 16)}, "at least 2"),
     ({"masks": torch.rand(5, 16, 16) * 2}, r"\[0, 1\]"),

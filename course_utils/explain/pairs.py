@@ -20,6 +20,13 @@ the image.  Where the course simplifies the papers, the function's docstring say
 single image and batches of occluded copies, which train-mode batch norm would normalise differently (and
 its running statistics would change): ``projection(model)`` and the methods that take a model run it in
 eval mode and restore its mode.  Every image argument passes the input guard (``inputs.check_images``).
+
+Memory: the occlusion methods build all occluded copies at once (``n_patches`` x 3 x H x W floats: 441 x 0.6 MB =
+265 MB at 224 px with the default 64/8 px windows) and embed them ``batch_size`` at a time, so the peak is
+those copies plus one no-grad forward pass of ``batch_size`` images (for a ResNet-50 at 224 px in fp32 about
+15 MB per image measured on a CPU, 22 MB estimated).  ``batch_size=None`` (default) takes the largest batch that fits in the free memory, at
+most 256 (``runtime.fitting_batch_size``; one extra forward pass of two images measures the model): 256 for
+the course's 32 px models wherever 0.5 GB are free, as the fixed default was.
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_utils.runtime import eval_mode
+from course_utils.runtime import eval_mode, fitting_batch_size
 
 from course_utils.explain.gradcam import layer_gradient
 from course_utils.inputs import check_image, check_images
 from course_utils.imageops import gaussian_blur
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] in [0, 1] -> embeddings [N, d]
+DEFAULT_BATCH_SIZE = 256  # images per forward pass, and the cap of batch_size=None
 
 
 def projection(model: nn.Module) -> Embed:
@@ -74,6 +82,13 @@ def _scaled(size: int, at_224: int) -> int:
     return max(1, round(size * at_224 / 224))
 
 
+def _batch_size(embed: Embed, image: torch.Tensor, batch_size: int | None, count: int) -> int:
+    """``batch_size`` checked, or for None the largest batch of ``count`` images like ``image`` [3, H, W] that
+    fits in memory, at most ``DEFAULT_BATCH_SIZE`` (``runtime.fitting_batch_size``)."""
+    return fitting_batch_size(embed, image.shape, batch_size, cap=min(DEFAULT_BATCH_SIZE, max(1, count)),
+                              device=image.device)
+
+
 def _embed_batches(embed: Embed, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Embeddings in float32, without autocast: occlusion maps are differences of similarities of a few
     hundredths, below bf16's resolution of cosines near 1."""
@@ -81,9 +96,11 @@ def _embed_batches(embed: Embed, images: torch.Tensor, batch_size: int) -> torch
         return torch.cat([embed(chunk).float() for chunk in images.split(batch_size)])
 
 
-def similarity(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """cos(f(x1), f(x2)) for batches of pairs [N, 3, H, W] -> [N] (no gradient)."""
+def similarity(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """cos(f(x1), f(x2)) for batches of pairs [N, 3, H, W] -> [N] (no gradient), ``batch_size`` images per
+    forward pass (None: as many as fit in memory, at most 256)."""
     x1, x2 = _check_batches(x1, x2)
+    batch_size = _batch_size(embed, x1[0], batch_size, len(x1))
     return F.cosine_similarity(_embed_batches(embed, x1, batch_size), _embed_batches(embed, x2, batch_size), dim=1)
 
 
@@ -114,19 +131,23 @@ def _patch_map(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def conditional_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, patch: int | None = None,
                           stride: int | None = None, fill: float = 0.0,
-                          batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                          batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlude one image of the pair, keep the other: how much does the similarity drop?
 
         M1[p] = s(x1, x2) − s(x1 with patch p filled, x2),  and symmetrically M2 for x2.
 
     Args:
         embed: images -> embeddings (``projection(model)``); x1, x2: [3, H, W] in [0, 1].
+        batch_size: occluded images per forward pass; None: as many as fit in memory, at most 256.  Peak
+            memory: the occluded copies of one image (n_patches x 3 x H x W floats) plus one forward pass of
+            ``batch_size`` images (module docstring).
     Returns:
         (map of x1, map of x2), float [H, W] each: the mean drop of the patches covering each pixel.
     """
     x1, x2 = _check_pair(x1, x2)
     masks = patch_masks(x1.shape[-1], patch, stride).to(x1.device)
-    base = similarity(embed, x1[None], x2[None])
+    batch_size = _batch_size(embed, x1, batch_size, len(masks))
+    base = similarity(embed, x1[None], x2[None], 1)
     maps = []
     for image, other in ((x1, x2), (x2, x1)):
         occluded = torch.where(masks[:, None], torch.full_like(image, fill), image)
@@ -138,7 +159,7 @@ def conditional_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, patc
 
 def context_agnostic_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, patch: int | None = None,
                                stride: int | None = None, fill: float = 0.0,
-                               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                               batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What a patch says on its own, without the context around it:
 
         M1[p] = cos( f(only patch p of x1) − f(x1 without patch p),  f(x2) ),   symmetrically for x2.
@@ -146,11 +167,14 @@ def context_agnostic_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor,
     "Only patch p" keeps the patch and fills the rest; subtracting the embedding of the context without the
     patch removes what the surroundings contribute.  No base similarity is subtracted (reference code).
 
+    ``batch_size`` and memory as in ``conditional_occlusion``, with two sets of copies (patch only, context only).
+
     Returns:
         (map of x1, map of x2), float [H, W] each (cosines in [-1, 1], averaged over covering patches).
     """
     x1, x2 = _check_pair(x1, x2)
     masks = patch_masks(x1.shape[-1], patch, stride).to(x1.device)
+    batch_size = _batch_size(embed, x1, batch_size, len(masks))
     maps = []
     for image, other in ((x1, x2), (x2, x1)):
         filled = torch.full_like(image, fill)
@@ -185,7 +209,7 @@ def pairwise_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, samples
                        scale: tuple[float, float] = (0.1, 0.3), ratio: tuple[float, float] = (1.0, 1.5),
                        fill: float = 0.0, credit: str = "norm", temperature: float = 0.05,
                        generator: torch.Generator | None = None,
-                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                       batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Erase a random rectangle in *both* images at once, ``samples`` times; the similarity drops
     d_n = s(x1, x2) − s(x̃1_n, x̃2_n) are turned into weights a = softmax(d / temperature) and credited to
     the erased pixels.
@@ -196,6 +220,9 @@ def pairwise_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, samples
         temperature: the reference code uses 1; drops of a few hundredths (typical here) then give nearly
             equal weights and the map only shows where rectangles fell, so the course default is 0.05.
         generator: the randomness of the rectangles (a seed gives the same maps).
+        batch_size: erased images per forward pass; None: as many as fit in memory, at most 256.  Peak memory:
+            the erased copies of both images (2 x samples x 3 x H x W floats) plus one forward pass of
+            ``batch_size`` images.
     Returns:
         (map of x1, map of x2), float [H, W] each, divided by its maximum (in [0, 1]).
     """
@@ -204,15 +231,16 @@ def pairwise_occlusion(embed: Embed, x1: torch.Tensor, x2: torch.Tensor, samples
         raise ValueError(f"credit must be 'norm' or 'both', got {credit!r}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch_size = _batch_size(embed, x1, batch_size, samples)
     size = x1.shape[-1]
     masks1 = random_erasing_masks(samples, size, scale, ratio, generator).to(x1.device)
     masks2 = random_erasing_masks(samples, size, scale, ratio, generator).to(x1.device)
     erased1 = torch.where(masks1[:, None], torch.full_like(x1, fill), x1)
     erased2 = torch.where(masks2[:, None], torch.full_like(x2, fill), x2)
     z1, z2 = _embed_batches(embed, erased1, batch_size), _embed_batches(embed, erased2, batch_size)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    drops = similarity(embed, x1[None], x2[None]) - F.cosine_similarity(z1, z2, dim=1)
+    drops = similarity(embed, x1[None], x2[None], 1) - F.cosine_similarity(z1, z2, dim=1)
     weights = torch.softmax(drops / temperature, dim=0)
     to_first = z1.norm(dim=1) < z2.norm(dim=1) if credit == "norm" else torch.ones(samples, dtype=torch.bool)
     to_second = ~to_first if credit == "norm" else to_first
@@ -349,7 +377,7 @@ def invariance_map(weights: torch.Tensor, channels: str = "signed") -> torch.Ten
 
 def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor],
                      n_augments: int = 1000, epochs: int = 300, lr: float = 0.1, l1: float = 0.2,
-                     batch_size: int = 256, channels: str = "signed") -> torch.Tensor:
+                     batch_size: int | None = None, channels: str = "signed") -> torch.Tensor:
     """A linear surrogate of the similarity under augmentations: which pixels' values predict that an
     augmented view stays similar to the image?
 
@@ -361,6 +389,8 @@ def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Ten
         augment: images [N, 3, H, W] -> augmented views of the same shape, without shifts (colour changes,
             erasing), so that pixel positions keep their meaning.
         epochs: SGD steps (reference code: 1000 on 64 px images; 300 converge on 32 px).
+        batch_size: views per forward pass; None: as many as fit in memory, at most 256.  Peak memory: the
+            views (n_augments x 3 x H x W floats, twice for the fit) plus one forward pass of ``batch_size``.
         channels: how the three weights of a pixel become one value.  "signed" (default, the reference
             code): max_c w_c, then min-max scaled, (m − min m) / (max m − min m) — a pixel whose value
             *raises* the predicted similarity ranks high, one whose weights are all negative ranks low.
@@ -373,6 +403,7 @@ def pixel_invariance(embed: Embed, x: torch.Tensor, augment: Callable[[torch.Ten
     if channels not in INVARIANCE_CHANNELS:
         raise ValueError(f"channels must be one of {INVARIANCE_CHANNELS}, got {channels!r}")
     x = check_image(x, "x")
+    batch_size = _batch_size(embed, x, batch_size, n_augments)
     views = augment(x[None].expand(n_augments, -1, -1, -1))
     if views.shape != (n_augments, *x.shape):
         raise ValueError(f"augment must return [N, 3, H, W] views of the same size, got {tuple(views.shape)}")
