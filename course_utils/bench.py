@@ -17,7 +17,6 @@ import ctypes
 import json
 import os
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from course_utils.explain.qscore import qscore
 from course_utils.explain.relax import relax, relax_masks
 from course_utils.models import SimCLRModel, atomic_write, load_pretrained, resnet
 from course_utils.runtime import (autocast, environment_report, fitting_batch_size, format_report, get_device,
-                                  quick_mode)
+                                  process_memory, quick_mode)
 from course_utils.simclr import nt_xent, train_simclr
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results.json"
@@ -69,17 +68,7 @@ def _best_of(repeats: int, fn: Callable[[], object]) -> float:
     return best
 
 
-_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes; None where there is none (not Linux)."""
-    try:
-        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) * 1024 if match else None
 
 
 class PeakMemory:
@@ -106,7 +95,7 @@ class PeakMemory:
                 pass
             try:
                 _CLEAR_REFS.write_text("5")
-                self._base = _status_bytes("VmRSS")
+                self._base = process_memory("VmRSS")
             except OSError:
                 self._base = None
         return self
@@ -118,7 +107,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.bytes = float(torch.cuda.max_memory_allocated(self.device) - self._base)
         else:
-            peak = _status_bytes("VmHWM")
+            peak = process_memory("VmHWM")
             self.bytes = float(max(0, peak - self._base)) if peak is not None else None
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -390,3 +391,16 @@ def fitting_batch_size(model: Callable[[torch.Tensor], Any], image_shape: Sequen
     else:
         per_image_bytes = _positive_int(per_image_bytes, "per_image_bytes")
     return max(1, min(cap, int(budget_bytes // per_image_bytes)))
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def process_memory(field: str = "VmHWM") -> int | None:
+    """A ``/proc/self/status`` memory field of this process in bytes: ``VmHWM`` (peak resident memory) or
+    ``VmRSS`` (resident now); None where there is none (not Linux)."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None

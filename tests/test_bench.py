@@ -3,6 +3,7 @@ import json
 import torch
 
 from course_utils import bench
+from course_utils.runtime import process_memory
 
 
 def test_bench_reports_a_ratio_against_the_naive_pipeline(tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_bench_measures_the_explainers_at_224_px_with_their_peak_memory(tmp_path
     ]
     assert all(r.course > 0 and r.naive > 0 and "ResNet-50 (random weights), 224 px" in r.workload for r in rows)
     assert rows[1].course == rows[2].course  # one RELAX measurement against two naive pipelines
-    if bench._status_bytes("VmRSS") is not None:  # Linux: the batched runs hold more than one image's activations
+    if process_memory("VmRSS") is not None:  # Linux: the batched runs hold more than one image's activations
         assert all(r.peak_memory is not None and r.peak_memory > 10e6 for r in rows)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"][0]["peak_memory"] == rows[0].peak_memory
