@@ -98,7 +98,44 @@ def test_blur_preserves_the_mean_and_smooths(images):
     assert roughness(out) < 0.6 * roughness(images)
 
 
+def test_erasing_blacks_out_one_rectangle_of_the_drawn_area():
+    ones = torch.ones(256, 3, 28, 28)
+    augment = SimCLRAugment(28, **IDENTITY, erase_p=1.0, erase_scale=(0.05, 0.15))
+    generator = torch.Generator().manual_seed(0)
+    out = augment(ones, generator)
+    erased = out[:, 0] == 0
+    assert (out[:, 0] == out[:, 1]).all() and (out[:, 1] == out[:, 2]).all()  # all channels erased together
+    fraction = erased.float().mean(dim=(1, 2))
+    assert fraction.min() > 0.02 and fraction.max() < 0.2  # 0.05-0.15 of the area, up to pixel rounding
+    rows, cols = erased.any(dim=2), erased.any(dim=1)  # a rectangle is the product of its rows and columns
+    assert torch.equal(erased, rows[:, :, None] & cols[:, None, :])
+    untouched = SimCLRAugment(28, **IDENTITY, erase_p=0.0)(ones, generator)
+    assert torch.equal(untouched, ones)
+    half = SimCLRAugment(28, **IDENTITY, erase_p=0.5)(ones, torch.Generator().manual_seed(1))
+    assert 0.35 < (half == 0).flatten(1).any(dim=1).float().mean() < 0.65
+
+
+def test_rotation_turns_the_crop_by_the_drawn_angle(images, monkeypatch):
+    augment = SimCLRAugment(32, **IDENTITY, rotate_degrees=90.0)
+    angles = augment.sample_parameters(512, torch.Generator().manual_seed(0))["angle"]
+    assert angles.abs().max() <= math.pi / 2 and angles.abs().max() > 0.9 * math.pi / 2
+    assert SimCLRAugment(32).sample_parameters(8)["angle"].abs().max() == 0  # off by default
+    drawn = augment.sample_parameters
+    monkeypatch.setattr(augment, "sample_parameters",
+                        lambda batch, generator=None: {**drawn(batch, generator),
+                                                       "angle": torch.full((batch,), math.pi / 2)})
+    out = augment(images[:4])
+    quarter_turns = [(out - torch.rot90(images[:4], k, dims=(2, 3))).abs().max().item() for k in range(4)]
+    assert min(quarter_turns[1], quarter_turns[3]) < 1e-4 and quarter_turns[0] > 0.1
+
+
 def test_bad_arguments_and_inputs_raise_clear_errors(images):
+    with pytest.raises(ValueError, match="erase_scale"):
+        SimCLRAugment(32, erase_scale=(0.2, 0.1))
+    with pytest.raises(ValueError, match="rotate_degrees"):
+        SimCLRAugment(32, rotate_degrees=-5)
+    with pytest.raises(ValueError, match="probability"):
+        SimCLRAugment(32, erase_p=2.0)
     with pytest.raises(ValueError, match="crop_scale"):
         SimCLRAugment(32, crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="probability"):

@@ -3,7 +3,10 @@
 One ``SimCLRAugment(x)`` call turns a batch [B, 3, H, W] in [0, 1] into one view
 per image on the same device: random resized crop (with flip folded into the
 same affine resampling), colour jitter (brightness, contrast, saturation, then
-a hue rotation in YIQ space), random grayscale and optional Gaussian blur.
+a hue rotation in YIQ space), random grayscale, optional Gaussian blur and
+optional random erasing (a rectangle set to black, as torchvision's
+``RandomErasing`` with value 0), with an optional small rotation folded into the
+crop's affine map.
 Nothing loops over samples; the random parameters are drawn from a
 ``torch.Generator`` on the CPU (they are tiny) and moved to the device, so the
 same generator gives the same views on every device.
@@ -45,6 +48,10 @@ class SimCLRAugment(nn.Module):
         grayscale_p: probability of converting to grayscale.
         blur_p: probability of a Gaussian blur with sigma uniform in ``blur_sigma``
             (as a fraction of the image side: 0.1–2.0 px at 224 px in SimCLR).
+        rotate_degrees: the crop is rotated by an angle uniform in [-d, d] degrees (0 = none).
+        erase_p: probability of erasing one rectangle (set to 0, black) after the colour steps.
+        erase_scale: range of the erased area as a fraction of the view's area.
+        erase_ratio: range of its aspect ratio (width / height), log-uniform.
     Input / output: float [B, 3, H, W] in [0, 1] -> float [B, 3, size, size] in [0, 1],
     same dtype and device as the input (computed in float32 inside).
     """
@@ -63,13 +70,24 @@ class SimCLRAugment(nn.Module):
         grayscale_p: float = 0.2,
         blur_p: float = 0.0,
         blur_sigma: tuple[float, float] = (0.1 / 224, 2.0 / 224),
+        rotate_degrees: float = 0.0,
+        erase_p: float = 0.0,
+        erase_scale: tuple[float, float] = (0.02, 0.2),
+        erase_ratio: tuple[float, float] = (0.3, 3.3),
     ) -> None:
         super().__init__()
         if not 0 < crop_scale[0] <= crop_scale[1]:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high, got {crop_scale}")
         if not 0 < crop_ratio[0] <= crop_ratio[1]:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {crop_ratio}")
-        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
+        if not 0 < erase_scale[0] <= erase_scale[1] <= 1:
+            raise ValueError(f"erase_scale must satisfy 0 < low <= high <= 1, got {erase_scale}")
+        if not 0 < erase_ratio[0] <= erase_ratio[1]:
+            raise ValueError(f"erase_ratio must satisfy 0 < low <= high, got {erase_ratio}")
+        if not 0.0 <= rotate_degrees <= 180.0:
+            raise ValueError(f"rotate_degrees must be in [0, 180], got {rotate_degrees}")
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p),
+                        ("erase_p", erase_p)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {p}")
         for name, s in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
@@ -82,11 +100,14 @@ class SimCLRAugment(nn.Module):
         self.jitter_p, self.brightness, self.contrast, self.saturation, self.hue = (
             jitter_p, brightness, contrast, saturation, hue)
         self.grayscale_p, self.blur_p, self.blur_sigma = grayscale_p, blur_p, blur_sigma
+        self.rotate_degrees = rotate_degrees
+        self.erase_p, self.erase_scale, self.erase_ratio = erase_p, erase_scale, erase_ratio
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, crop_scale={self.crop_scale}, flip_p={self.flip_p}, jitter_p={self.jitter_p}, "
                 f"bcsh=({self.brightness}, {self.contrast}, {self.saturation}, {self.hue}), "
-                f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}")
+                f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, rotate_degrees={self.rotate_degrees}, "
+                f"erase_p={self.erase_p}")
 
     def sample_parameters(self, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The random parameters of ``batch`` views (CPU tensors of shape [batch])."""
@@ -102,6 +123,10 @@ class SimCLRAugment(nn.Module):
         # Crop centre such that the crop stays inside when it fits; reflection fills the rest.
         cx = 0.5 + (uniform(-1, 1) * (1 - width).clamp(min=0) / 2)
         cy = 0.5 + (uniform(-1, 1) * (1 - height).clamp(min=0) / 2)
+        erase_area = uniform(*self.erase_scale)
+        erase_aspect = torch.exp(uniform(math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1])))
+        erase_w = torch.sqrt(erase_area * erase_aspect).clamp(max=1.0)  # fractions of the view's side
+        erase_h = torch.sqrt(erase_area / erase_aspect).clamp(max=1.0)
         return dict(
             scale=scale, width=width, height=height, cx=cx, cy=cy, flip=coin(self.flip_p),
             jitter=coin(self.jitter_p),
@@ -111,6 +136,9 @@ class SimCLRAugment(nn.Module):
             hue=uniform(-2 * math.pi * self.hue, 2 * math.pi * self.hue),
             grayscale=coin(self.grayscale_p),
             blur=coin(self.blur_p), sigma=uniform(*self.blur_sigma),
+            angle=uniform(-math.radians(self.rotate_degrees), math.radians(self.rotate_degrees)),
+            erase=coin(self.erase_p), erase_w=erase_w, erase_h=erase_h,
+            erase_x=erase_w / 2 + uniform(0, 1) * (1 - erase_w), erase_y=erase_h / 2 + uniform(0, 1) * (1 - erase_h),
         )
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -127,15 +155,20 @@ class SimCLRAugment(nn.Module):
         out = torch.where(p["grayscale"][:, None, None, None], gray, out)
         if self.blur_p > 0:
             out = self._blur(out, p)
+        if self.erase_p > 0:
+            out = self._erase(out, p)
         return out.clamp_(0.0, 1.0).to(dtype)
 
     def _crop_and_flip(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Resized crop as one affine resampling (bilinear, reflection padding): [B, 3, size, size]."""
+        """Resized crop (rotated by ``angle``) as one affine resampling (bilinear, reflection padding):
+        [B, 3, size, size]."""
         sign = torch.where(p["flip"], -1.0, 1.0)
+        cos, sin = torch.cos(p["angle"]), torch.sin(p["angle"])
         theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
-        theta[:, 0, 0] = p["width"] * sign
+        # input = rotation @ diag(width * sign, height) @ output + centre
+        theta[:, 0, 0], theta[:, 0, 1] = cos * p["width"] * sign, -sin * p["height"]
+        theta[:, 1, 0], theta[:, 1, 1] = sin * p["width"] * sign, cos * p["height"]
         theta[:, 0, 2] = 2 * p["cx"] - 1
-        theta[:, 1, 1] = p["height"]
         theta[:, 1, 2] = 2 * p["cy"] - 1
         grid = F.affine_grid(theta, [x.shape[0], 3, self.size, self.size], align_corners=False)
         # Antialias strong downscaling (e.g. 96 px -> 32 px) before resampling.
@@ -171,6 +204,18 @@ class SimCLRAugment(nn.Module):
         flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=3 * batch)
         blurred = flat.view_as(x)
         return torch.where(p["blur"][:, None, None, None], blurred, x)
+
+
+    def _erase(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Set one rectangle per sample whose ``erase`` coin came up to 0 (black): [B, 3, S, S]."""
+        def col(v: torch.Tensor) -> torch.Tensor:
+            return v[:, None, None]
+
+        centres = (torch.arange(x.shape[-1], device=x.device, dtype=torch.float32) + 0.5) / x.shape[-1]
+        inside_x = (centres[None, None, :] - col(p["erase_x"])).abs() < col(p["erase_w"]) / 2  # [B, 1, S]
+        inside_y = (centres[None, :, None] - col(p["erase_y"])).abs() < col(p["erase_h"]) / 2  # [B, S, 1]
+        erased = (inside_x & inside_y & col(p["erase"]))[:, None]  # [B, 1, S, S]
+        return x.masked_fill(erased, 0.0)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
