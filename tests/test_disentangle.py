@@ -48,12 +48,12 @@ def test_mig_is_one_for_one_dimension_per_factor_and_zero_for_a_duplicated_one(f
 def test_dci_scores_on_hand_computed_importance_matrices():
     assert dci_scores(torch.eye(3)) == pytest.approx((1.0, 1.0))
     assert dci_scores(torch.ones(3, 3)) == pytest.approx((0.0, 0.0), abs=1e-12)
-    # R = [[1, 1], [0, 2]]: code 0 splits evenly (D_0 = 0, weight 2/4), code 1 serves factor 1 (D_1 = 1,
-    # weight 2/4) -> D = 0.5.  Factor 0 is held by code 0 alone (C = 1); factor 1 by codes 0 and 1 in
-    # shares 1/3 and 2/3 -> C = 1 - H([1/3, 2/3]) / log 2.
-    h = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)) / math.log(2)
-    d, c = dci_scores(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
-    assert d == pytest.approx(0.5) and c == pytest.approx((1 + (1 - h)) / 2)
+    # R = [[1, 1], [0, 3]]: code 0 splits evenly (D_0 = 0, weight 2/5), code 1 serves factor 1 alone
+    # (D_1 = 1, weight 3/5) -> D = 0.6.  Factor 0 is held by code 0 alone (C = 1); factor 1 by codes 0 and 1
+    # in shares 1/4 and 3/4 -> C = 1 - H([1/4, 3/4]) / log 2.
+    h = -(1 / 4 * math.log(1 / 4) + 3 / 4 * math.log(3 / 4)) / math.log(2)
+    d, c = dci_scores(torch.tensor([[1.0, 1.0], [0.0, 3.0]]))
+    assert d == pytest.approx(0.6) and c == pytest.approx((1 + (1 - h)) / 2)
 
 
 def test_l1_logistic_regression_meets_the_lasso_optimality_conditions():
