@@ -38,7 +38,9 @@ import torch.distributed as dist
 
 from course_utils.data.augment import SimCLRAugment
 from course_utils.data.datasets import ImageTensorDataset, default_data_root, load_dataset
-from course_utils.models import SimCLRModel, atomic_write, checkpoint_dir, resnet, write_checksum
+from course_utils.models import (
+    SimCLRModel, atomic_write, checkpoint_dir, load_pretrained, resnet, write_checksum,
+)
 from course_utils.runtime import get_device, seed_everything
 from course_utils.simclr import (
     TrainingStateError, export_checkpoint, extract_features, knn_accuracy, linear_probe, raw_pixel_features,
@@ -119,6 +121,91 @@ CLIP_PRESETS: dict[str, ClipPreset] = {p.name: p for p in [
     ClipPreset("shapes-clip", "toy CLIP for FALCON: ResNet-10 width 32 + 2-layer text transformer on ShapesWorld "
                "image-caption pairs (CPU, about 30 minutes)", {"n": 20_000, "distractor_p": 0.3}, epochs=40, width=32),
 ]}
+
+
+@dataclass(frozen=True)
+class FactorPreset:
+    """The models of notebook 10's interventions, trained together on ShapesWorld (course_utils.explain.protovae):
+    an attribute classifier (the judge of what an intervention changed), a plain beta-VAE, a ProtoVAE and a
+    decoder of the frozen SimCLR encoder's h."""
+
+    name: str
+    description: str
+    n: int
+    epochs: int  # of each VAE; the classifier and the decoder train for the same number
+    latent_dim: int = 10
+    beta: float = 4.0
+    encoder: str = "simclr-shapes-r10"
+    factors: tuple[str, ...] = ("shape", "color", "size", "position", "texture", "background", "background_color")
+
+
+FACTOR_PRESETS: dict[str, FactorPreset] = {p.name: p for p in [
+    FactorPreset("shapes-protovae", "attribute classifier, beta-VAE, ProtoVAE (d = 10) and a decoder of "
+                 "simclr-shapes-r10's h on 20,000 ShapesWorld images (CPU)", n=20_000, epochs=15),
+]}
+
+
+def factor_labels(world: Any, factors: tuple[str, ...]) -> torch.Tensor:
+    """ShapesWorld attribute values as integer factors [N, K] in the order of ``factors``."""
+    return torch.stack([world.attributes[name].long() for name in factors], dim=1)
+
+
+def _train_factor_models(preset: FactorPreset, epochs: int, args: argparse.Namespace, device: torch.device,
+                         command: str) -> dict[str, Any]:
+    from course_utils.data.shapes import ShapesWorld
+    from course_utils.explain.protovae import (
+        AttributeClassifier, ProtoVAE, RepresentationDecoder, save_factor_model, train_attribute_classifier,
+        train_protovae, train_representation_decoder,
+    )
+
+    train = ShapesWorld(n=preset.n, size=32, seed=args.seed, split="train")
+    test = ShapesWorld(n=min(5_000, preset.n), size=32, seed=args.seed, split="test")
+    y_train, y_test = factor_labels(train, preset.factors), factor_labels(test, preset.factors)
+    out = checkpoint_dir() / "protovae" if args.commit else (args.out or default_data_root() / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{preset.name}: {preset.description}\ndevice {device}; command: {command}", flush=True)
+    result: dict[str, Any] = {"preset": preset.name, "command": command, "epochs": epochs, "n": preset.n,
+                              "factors": list(preset.factors), "minutes": {}}
+
+    def timed(name: str, train_one: Any) -> Any:
+        started = time.perf_counter()
+        value = train_one()
+        result["minutes"][name] = round((time.perf_counter() - started) / 60, 2)
+        print(f"{name}: {result['minutes'][name]} min", flush=True)
+        return value
+
+    torch.manual_seed(args.seed)
+    classifier = AttributeClassifier({f: len(train.attribute_names[f]) for f in preset.factors}).to(device)
+    timed("attribute_classifier", lambda: train_attribute_classifier(classifier, train.images, y_train, epochs,
+                                                                       seed=args.seed, progress=False))
+    predicted = torch.cat([classifier.predict(b.float().div(255).to(device)).cpu() for b in test.images.split(500)])
+    result["attribute_accuracy"] = {f: round(float((predicted[:, k] == y_test[:, k]).float().mean()), 4)
+                                    for k, f in enumerate(preset.factors)}
+    save_factor_model(classifier.cpu(), out / f"{preset.name}-attributes.pt", command=command,
+                      accuracy=result["attribute_accuracy"])
+    for name, weights in (("vae", {"identification_weight": 0.0, "consistency_weight": 0.0, "cluster_weight": 0.0}),
+                          ("protovae", {})):
+        torch.manual_seed(args.seed)
+        vae = ProtoVAE(latent_dim=preset.latent_dim).to(device)
+        history = timed(name, lambda: train_protovae(vae, train.images, epochs, beta=preset.beta, seed=args.seed,
+                                                       progress=False, **weights))
+        result[name] = {"reconstruction": round(history.reconstruction[-1], 2), "kl": round(history.kl[-1], 3),
+                        "identification_accuracy": round(history.identification_accuracy[-1], 4)}
+        save_factor_model(vae.cpu(), out / f"{preset.name}-{name}.pt", command=command, beta=preset.beta, **result[name])
+    encoder = load_pretrained(preset.encoder).encoder.to(device).eval()
+    h_train = extract_features(encoder, train, device=device, progress=False)[0]
+    torch.manual_seed(args.seed)
+    decoder = RepresentationDecoder(h_train.shape[1]).to(device)
+    losses = timed("h_decoder", lambda: train_representation_decoder(decoder, h_train, train.images, epochs,
+                                                                     seed=args.seed, progress=False))
+    result["h_decoder"] = {"reconstruction": round(losses[-1], 2), "encoder": preset.encoder}
+    save_factor_model(decoder.cpu(), out / f"{preset.name}-h-decoder.pt", command=command, **result["h_decoder"])
+    atomic_write(out / f"{preset.name}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    if args.commit:
+        for part in ("attributes", "vae", "protovae", "h-decoder"):
+            write_checksum(out / f"{preset.name}-{part}.pt")
+    print(json.dumps(result, indent=2), flush=True)
+    return result
 
 
 def _train_clip(preset: ClipPreset, epochs: int, args: argparse.Namespace, device: torch.device,
@@ -298,7 +385,7 @@ def _epochs_done(state_file: Path, args: argparse.Namespace, epochs: int, comman
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS) + sorted(CLIP_PRESETS))
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS) + sorted(CLIP_PRESETS) + sorted(FACTOR_PRESETS))
     parser.add_argument("--epochs", type=_positive_int, help="override the preset's epochs")
     parser.add_argument("--out", type=Path, help="output folder (default data/cache/checkpoints)")
     parser.add_argument("--commit", action="store_true", help="write into data/checkpoints and register the sha256")
@@ -317,6 +404,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the command that reproduces the run; --resume / --restart are how it is run, not what it trains
     tokens = [a for a in (argv if argv is not None else sys.argv[1:]) if not _is_flag(a, "--resume", "--restart")]
     command = PROGRAM + " " + " ".join(shlex.quote(a) for a in tokens)
+    if args.preset in FACTOR_PRESETS:
+        if args.supervised is not None or args.snapshots or args.resume or args.restart:
+            parser.error("--supervised, --snapshots, --resume and --restart apply to SimCLR presets only")
+        factor_preset = FACTOR_PRESETS[args.preset]
+        problem = _check_writable(checkpoint_dir() / "protovae" if args.commit else
+                                  (args.out or default_data_root() / "checkpoints"), "the output folder")
+        if problem:
+            parser.error(f"{problem}; choose a writable --out")
+        seed_everything(args.seed)
+        return _train_factor_models(factor_preset, args.epochs if args.epochs is not None else factor_preset.epochs,
+                                    args, get_device(), command)
     if args.preset in CLIP_PRESETS:
         if args.supervised is not None or args.snapshots or args.resume or args.restart:
             parser.error("--supervised, --snapshots, --resume and --restart apply to SimCLR presets only")

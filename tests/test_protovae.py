@@ -6,8 +6,10 @@ from torch.distributions import Normal, kl_divergence
 
 from course_utils.explain.protovae import (
     AttributeClassifier, ProtoVAE, RepresentationDecoder, intervene, intervention_effects, kl_to_standard_normal,
-    prototype_cluster_cost, train_attribute_classifier, train_protovae, train_representation_decoder, traversal,
+    load_factor_model, prototype_cluster_cost, save_factor_model, train_attribute_classifier, train_protovae,
+    train_representation_decoder, traversal,
 )
+from course_utils.models import write_checksum
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,23 @@ def test_bad_input_raises_clear_errors(coloured_squares):
                                    progress=False)
     with pytest.raises(ValueError, match="one value per dimension"):
         intervention_effects(lambda z: z, torch.randn(4, 3), torch.zeros(2), torch.zeros(3), lambda x: x)
+
+
+@pytest.mark.parametrize("make", [lambda: ProtoVAE(latent_dim=3, size=16, width=8),
+                                  lambda: RepresentationDecoder(5, size=16, width=8),
+                                  lambda: AttributeClassifier({"colour": 2, "side": 3}, size=16, width=8)],
+                         ids=["protovae", "decoder", "classifier"])
+def test_factor_models_round_trip_through_a_verified_file(make, tmp_path):
+    torch.manual_seed(0)
+    model = make().eval()
+    path = tmp_path / "model.pt"
+    save_factor_model(model, path, epochs=3)
+    write_checksum(path)
+    loaded = load_factor_model(path, unregistered="error")
+    assert type(loaded) is type(model) and loaded.metadata == {"epochs": 3}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="checksum"):
+        load_factor_model(path)
+    with pytest.raises(FileNotFoundError, match="--preset shapes-protovae"):
+        load_factor_model(tmp_path / "missing.pt")

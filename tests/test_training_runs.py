@@ -257,3 +257,20 @@ def test_a_state_of_the_old_per_preset_layout_is_resumed(cli, capsys):
     state.rename(legacy)
     cli("--resume")
     assert _epochs_trained(capsys.readouterr().out) == [2]
+
+
+def test_the_factor_preset_trains_four_models_that_load_back(tmp_path, monkeypatch):
+    from course_utils.explain.protovae import AttributeClassifier, ProtoVAE, RepresentationDecoder, load_factor_model
+
+    tiny = train.FactorPreset("tiny-factors", "tiny", n=64, epochs=1, latent_dim=3)
+    monkeypatch.setitem(train.FACTOR_PRESETS, tiny.name, tiny)
+    monkeypatch.setenv("COURSE_DATA_ROOT", str(tmp_path / "data"))
+    result = train.main(["--preset", tiny.name, "--out", str(tmp_path)])
+    assert set(result["attribute_accuracy"]) == set(tiny.factors) and set(result["minutes"]) == {
+        "attribute_classifier", "vae", "protovae", "h_decoder"}
+    kinds = {"attributes": AttributeClassifier, "vae": ProtoVAE, "protovae": ProtoVAE, "h-decoder": RepresentationDecoder}
+    for part, kind in kinds.items():
+        assert isinstance(load_factor_model(tmp_path / f"tiny-factors-{part}.pt", unregistered="allow"), kind)
+    assert (tmp_path / "tiny-factors.json").is_file()
+    with pytest.raises(SystemExit):  # the SimCLR-only flags are refused
+        train.main(["--preset", tiny.name, "--out", str(tmp_path), "--resume"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.inputs import check_features, check_images
+from course_utils.models import atomic_write, load_verified
+
+FACTOR_MODEL_FORMAT = "ssl-xai-course/factor-model-v1"
 
 
 def _check_size(size: int) -> None:
@@ -87,6 +91,8 @@ class ProtoVAE(nn.Module):
                             ("embed_dim", embed_dim)):
             _positive(name, value)
         self.latent_dim, self.size = latent_dim, size
+        self.config = {"latent_dim": latent_dim, "size": size, "width": width,
+                       "prototypes_per_dim": prototypes_per_dim, "embed_dim": embed_dim}
         self.encoder = _image_encoder(2 * latent_dim, size, width)
         self.decoder = ImageDecoder(latent_dim, size, width)
         self.prototype_values = nn.Parameter(torch.linspace(-2, 2, prototypes_per_dim).repeat(latent_dim, 1))
@@ -216,6 +222,7 @@ class RepresentationDecoder(nn.Module):
 
     def __init__(self, code_dim: int, size: int = 32, width: int = 32) -> None:
         super().__init__()
+        self.config = {"code_dim": code_dim, "size": size, "width": width}
         self.decoder = ImageDecoder(code_dim, size, width)
         self.register_buffer("mean", torch.zeros(code_dim))
         self.register_buffer("std", torch.ones(code_dim))
@@ -299,6 +306,10 @@ class AttributeClassifier(nn.Module):
     def __init__(self, classes_per_factor: dict[str, int], size: int = 32, width: int = 32) -> None:
         super().__init__()
         _check_size(size)
+        if not classes_per_factor or any(not isinstance(c, int) or c < 2 for c in classes_per_factor.values()):
+            raise ValueError(f"classes_per_factor maps each factor to its number of values (>= 2), got "
+                             f"{classes_per_factor!r}")
+        self.config = {"classes_per_factor": dict(classes_per_factor), "size": size, "width": width}
         self.factors = list(classes_per_factor)
         self.body = nn.Sequential(_image_encoder(8 * width, size, width), nn.ReLU())
         self.heads = nn.ModuleDict({name: nn.Linear(8 * width, count) for name, count in classes_per_factor.items()})
@@ -342,3 +353,44 @@ def train_attribute_classifier(model: AttributeClassifier, images: torch.Tensor,
         losses.append(total / len(images))
     model.eval()
     return losses
+
+
+_KINDS: dict[str, type[nn.Module]] = {}  # filled below: the classes save_factor_model can write
+
+
+def save_factor_model(model: nn.Module, path: str | Path, **metadata: object) -> None:
+    """Write a ``ProtoVAE``, ``RepresentationDecoder`` or ``AttributeClassifier`` (config, fp32 CPU weights,
+    metadata) atomically; ``load_factor_model`` reads it back."""
+    kind = type(model).__name__
+    if kind not in _KINDS:
+        raise ValueError(f"save_factor_model writes {sorted(_KINDS)}, got a {kind}")
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    payload = {"format": FACTOR_MODEL_FORMAT, "kind": kind, "config": model.config, "state_dict": state,
+               "metadata": metadata}
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_factor_model(path: str | Path, unregistered: str = "warn") -> nn.Module:
+    """Read a file of ``save_factor_model`` (checksum-verified by ``models.load_verified``), in eval mode.
+
+    Raises:
+        FileNotFoundError: no such file (with the command that trains the course's models).
+        ValueError: not such a file, or its weights do not fit its config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"factor model not found: {path}; train the course's with "
+                                "`python -m course_utils.train --preset shapes-protovae --commit`")
+    payload, _ = load_verified(path, "cpu", unregistered, kind="factor model")
+    if not isinstance(payload, dict) or payload.get("format") != FACTOR_MODEL_FORMAT or payload.get("kind") not in _KINDS:
+        raise ValueError(f"{path} is not a {FACTOR_MODEL_FORMAT!r} file of one of {sorted(_KINDS)}")
+    model = _KINDS[payload["kind"]](**payload["config"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not fit the stored config {payload['config']}: {error}") from None
+    model.metadata = dict(payload.get("metadata") or {})
+    return model.eval()
+
+
+_KINDS.update({cls.__name__: cls for cls in (ProtoVAE, RepresentationDecoder, AttributeClassifier)})
