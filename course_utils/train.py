@@ -141,7 +141,7 @@ class FactorPreset:
 
 FACTOR_PRESETS: dict[str, FactorPreset] = {p.name: p for p in [
     FactorPreset("shapes-protovae", "attribute classifier, beta-VAE, ProtoVAE (d = 10) and a decoder of "
-                 "simclr-shapes-r10's h on 20,000 ShapesWorld images (CPU)", n=20_000, epochs=15),
+                 "simclr-shapes-r10's h on 10,000 ShapesWorld images (CPU)", n=10_000, epochs=10),
 ]}
 
 
