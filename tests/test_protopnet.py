@@ -8,7 +8,7 @@ import torch
 
 from course_utils.explain.protopnet import (
     ProtoPNet, cluster_cost, encoder_features, log_similarity, off_class_l1, patch_distances, protopnet_loss,
-    push_prototypes, separation_cost, top_prototypes, train_protopnet,
+    push_prototypes, separation_cost, stage_features, top_prototypes, train_protopnet,
 )
 from course_utils.models import resnet
 
@@ -183,3 +183,32 @@ def test_bad_input_raises_clear_errors(tiny_data):
         push_prototypes(model, encoder_features(model, images[labels == 0]), labels[labels == 0])
     with pytest.raises(ValueError, match="k must be"):
         top_prototypes(model, images[0], k=0)
+
+
+def test_precomputed_features_give_the_same_head_as_images(tiny_data):
+    images, labels = tiny_data
+    trained = []
+    for precomputed in (False, True):
+        model = small_model()
+        features = encoder_features(model, images) if precomputed else None
+        train_protopnet(model, images, labels, warm_epochs=2, last_layer_epochs=2, batch_size=16, progress=False,
+                        features=features)
+        trained.append(model)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(trained[0].state_dict().values(),
+                                                                 trained[1].state_dict().values()))
+    with pytest.raises(ValueError, match=r"layer2 maps of the images"):
+        train_protopnet(small_model(), images, labels, features=torch.zeros(3, 8, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="joint_epochs"):
+        train_protopnet(small_model(), images, labels, joint_epochs=1, features=encoder_features(small_model(), images),
+                        progress=False)
+
+
+def test_stage_features_equal_each_heads_own_features(tiny_data):
+    images = tiny_data[0][:6]
+    encoder = resnet(10, 8)
+    stages = stage_features(encoder, images, ["layer2", "layer4"], batch_size=4)
+    for layer in ("layer2", "layer4"):
+        head = ProtoPNet(encoder, 2, layer=layer)
+        assert torch.allclose(stages[layer], encoder_features(head, images), atol=1e-6)
+    with pytest.raises(ValueError, match="subset of"):
+        stage_features(encoder, images, ["fc"])

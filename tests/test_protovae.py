@@ -73,6 +73,8 @@ def test_intervention_effects_find_the_factor_each_dimension_controls():
     codes = torch.randn(50, 3, generator=torch.Generator().manual_seed(2))
     effects = intervention_effects(decode, codes, low=-torch.ones(3), high=torch.ones(3), predict=predict)
     assert torch.equal(effects, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    chosen = intervention_effects(decode, codes, -torch.ones(3), torch.ones(3), predict, dims=[2, 1])
+    assert torch.equal(chosen, effects[[2, 1]])
     frames = traversal(decode, codes[0], 0, torch.linspace(-1, 1, 5))
     assert frames.shape == (5, 3, 8, 8) and (frames[:, 0, 0, 0].diff() > 0).all()
     assert torch.allclose(frames[:, 2], frames[0, 2].expand(5, -1, -1))  # blue kept

@@ -20,6 +20,7 @@ With a frozen encoder the encoder's features are computed once, so a head trains
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -229,6 +230,31 @@ def encoder_features(model: ProtoPNet, images: torch.Tensor, batch_size: int = 2
     return out
 
 
+def stage_features(encoder: nn.Module, images: torch.Tensor, layers: Sequence[str], batch_size: int = 256
+                   ) -> dict[str, torch.Tensor]:
+    """The outputs of several stages of a course ResNet in one pass: images [N, 3, H, W] in [0, 1] ->
+    {layer: [N, C_layer, h_layer, w_layer]} on the CPU (eval mode, no gradients).  Heads at different layers
+    can then share one forward pass (``train_protopnet(..., features=...)``)."""
+    unknown = sorted(set(layers) - set(STAGES))
+    if unknown or not layers:
+        raise ValueError(f"layers must be a non-empty subset of {STAGES}, got {list(layers)}")
+    images = check_images(images, "images")
+    device = next(encoder.parameters()).device
+    deepest = max(STAGES.index(name) for name in layers)
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            activation = encoder.stem(encoder.normalize(batch.to(device)))
+            for name in STAGES[:deepest + 1]:
+                activation = getattr(encoder, name)(activation)
+                if name in out:
+                    out[name].append(activation.cpu())
+    encoder.train(was_training)
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
 def push_prototypes(model: ProtoPNet, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
                     ) -> PushRecord:
     """Replace every prototype by the nearest add-on patch of a training image of its own class.
@@ -273,14 +299,17 @@ def push_prototypes(model: ProtoPNet, features: torch.Tensor, labels: torch.Tens
 def train_protopnet(model: ProtoPNet, images: torch.Tensor, labels: torch.Tensor, *, warm_epochs: int = 5,
                     joint_epochs: int = 0, last_layer_epochs: int = 20, batch_size: int = 128, lr: float = 3e-3,
                     encoder_lr: float = 1e-4, lambda_clst: float = 0.8, lambda_sep: float = 0.08,
-                    lambda_l1: float = 1e-4, seed: int = 0, progress: bool = True) -> ProtoPNetHistory:
+                    lambda_l1: float = 1e-4, seed: int = 0, progress: bool = True,
+                    features: torch.Tensor | None = None) -> ProtoPNetHistory:
     """The paper's stages on images [N, 3, H, W] in [0, 1] with labels [N]: warm-up, joint, push, last layer.
 
     ``joint_epochs = 0`` keeps the encoder frozen throughout (its features are then computed once); with
     ``joint_epochs > 0`` the encoder is fine-tuned at ``encoder_lr`` in the joint stage (slower: every
     batch runs the encoder).  The last-layer stage optimises CE + ``lambda_l1`` · ``off_class_l1`` on the
-    fixed similarities of the pushed prototypes.  Returns the per-epoch loss and training accuracy and the
-    push record."""
+    fixed similarities of the pushed prototypes.  ``features``: the frozen encoder's feature maps of
+    ``images`` at the head's layer [N, C, h, w] when already computed (``encoder_features``; several heads
+    can share them), only with ``joint_epochs = 0``.  Returns the per-epoch loss and training accuracy and
+    the push record."""
     images = check_images(images, "images")
     labels = _check_labels(images, labels, model.num_classes)
     for name, value in (("warm_epochs", warm_epochs), ("joint_epochs", joint_epochs),
@@ -323,7 +352,16 @@ def train_protopnet(model: ProtoPNet, images: torch.Tensor, labels: torch.Tensor
     for p in model.trunk.parameters():
         p.requires_grad_(False)
     model.last_layer.weight.requires_grad_(False)
-    features = encoder_features(model, images) if warm_epochs or not joint_epochs else None
+    if features is not None:
+        if joint_epochs:
+            raise ValueError("features were computed by the frozen encoder; joint_epochs > 0 changes the encoder, "
+                             "so pass images only")
+        expected = encoder_features(model, images[:1]).shape[1:]
+        if features.shape != (len(images), *expected):
+            raise ValueError(f"features must be the encoder's {model.layer} maps of the images, "
+                             f"[{len(images)}, {', '.join(map(str, expected))}], got {tuple(features.shape)}")
+    elif warm_epochs or not joint_epochs:
+        features = encoder_features(model, images)
     epochs("warm-up", warm_epochs, head_parameters, [lr] * len(head_parameters), features, False, main_loss)
     if joint_epochs:
         model.trunk.train()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -276,20 +276,24 @@ def traversal(decode: Callable[[torch.Tensor], torch.Tensor], code: torch.Tensor
 
 def intervention_effects(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch.Tensor, low: torch.Tensor,
                          high: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor],
-                         batch_size: int = 256) -> torch.Tensor:
+                         batch_size: int = 256, dims: Sequence[int] | None = None) -> torch.Tensor:
     """How often each factor's predicted value changes when one dimension moves from ``low[i]`` to
     ``high[i]`` with the rest of the code kept.
 
     decode: codes [B, d] -> images; codes [N, d]; low, high [d]; predict: images -> factor predictions
-    [B, K] (integers, e.g. an attribute classifier's argmax per factor).  Returns [d, K]: row i is the
-    fraction of the N codes whose factor k differs between the two decoded images."""
+    [B, K] (integers, e.g. an attribute classifier's argmax per factor); dims: the dimensions to intervene
+    on (default all).  Returns [len(dims), K]: row i is the fraction of the N codes whose factor k differs
+    between the two decoded images when dimension dims[i] moves."""
     codes = check_features(codes, "codes")
     if low.shape != (codes.shape[1],) or high.shape != (codes.shape[1],):
         raise ValueError(f"low and high must hold one value per dimension [{codes.shape[1]}], got "
                          f"{tuple(low.shape)} and {tuple(high.shape)}")
+    dims = list(range(codes.shape[1])) if dims is None else [int(d) for d in dims]
+    if not dims or min(dims) < 0 or max(dims) >= codes.shape[1]:
+        raise ValueError(f"dims must be a non-empty list of dimensions in 0..{codes.shape[1] - 1}, got {dims}")
     rows = []
     with torch.no_grad():
-        for dim in range(codes.shape[1]):
+        for dim in dims:
             changed = []
             for chunk in codes.split(batch_size):
                 dims = torch.full((len(chunk),), dim, device=chunk.device)
