@@ -404,28 +404,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the command that reproduces the run; --resume / --restart are how it is run, not what it trains
     tokens = [a for a in (argv if argv is not None else sys.argv[1:]) if not _is_flag(a, "--resume", "--restart")]
     command = PROGRAM + " " + " ".join(shlex.quote(a) for a in tokens)
-    if args.preset in FACTOR_PRESETS:
+    other_kinds = {**{n: (p, "protovae", _train_factor_models) for n, p in FACTOR_PRESETS.items()},
+                   **{n: (p, "vlm", _train_clip) for n, p in CLIP_PRESETS.items()}}
+    if args.preset in other_kinds:  # the toy CLIP and the factor models: no training state, no snapshots
         if args.supervised is not None or args.snapshots or args.resume or args.restart:
             parser.error("--supervised, --snapshots, --resume and --restart apply to SimCLR presets only")
-        factor_preset = FACTOR_PRESETS[args.preset]
-        problem = _check_writable(checkpoint_dir() / "protovae" if args.commit else
+        other, folder, train_other = other_kinds[args.preset]
+        problem = _check_writable(checkpoint_dir() / folder if args.commit else
                                   (args.out or default_data_root() / "checkpoints"), "the output folder")
         if problem:
             parser.error(f"{problem}; choose a writable --out")
         seed_everything(args.seed)
-        return _train_factor_models(factor_preset, args.epochs if args.epochs is not None else factor_preset.epochs,
-                                    args, get_device(), command)
-    if args.preset in CLIP_PRESETS:
-        if args.supervised is not None or args.snapshots or args.resume or args.restart:
-            parser.error("--supervised, --snapshots, --resume and --restart apply to SimCLR presets only")
-        clip_preset = CLIP_PRESETS[args.preset]
-        problem = _check_writable(checkpoint_dir() / "vlm" if args.commit else
-                                  (args.out or default_data_root() / "checkpoints"), "the output folder")
-        if problem:
-            parser.error(f"{problem}; choose a writable --out")
-        seed_everything(args.seed)
-        return _train_clip(clip_preset, args.epochs if args.epochs is not None else clip_preset.epochs, args,
-                           get_device(), command)
+        return train_other(other, args.epochs if args.epochs is not None else other.epochs, args, get_device(), command)
     if args.supervised is not None and (args.resume or args.restart):
         parser.error("--resume and --restart apply to SimCLR training, not to --supervised")
     preset = PRESETS[args.preset]

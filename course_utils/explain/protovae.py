@@ -216,6 +216,27 @@ def train_protovae(model: ProtoVAE, images: torch.Tensor, epochs: int = 10, *, b
     return history
 
 
+def _fit(model: nn.Module, count: int, batch_loss: Callable[[torch.Tensor], torch.Tensor], epochs: int,
+         batch_size: int, lr: float, seed: int, progress: bool, desc: str) -> list[float]:
+    """Adam over ``count`` samples in shuffled batches of indices; ``batch_loss(indices)`` -> scalar.
+    Returns the per-epoch mean loss; leaves the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress):
+        total = 0.0
+        for batch in torch.randperm(count, generator=generator).split(batch_size):
+            loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        losses.append(total / count)
+    model.eval()
+    return losses
+
+
 class RepresentationDecoder(nn.Module):
     """Decoder from a frozen representation (e.g. SimCLR's h [B, r]) to images, trained by reconstruction;
     the inputs are standardised with the training mean and deviation stored in the module."""
@@ -246,22 +267,12 @@ def train_representation_decoder(decoder: RepresentationDecoder, codes: torch.Te
     device = decoder.mean.device
     decoder.mean.copy_(codes.mean(0).to(device))
     decoder.std.copy_(codes.std(0).clamp_min(1e-6).to(device))
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
-    losses = []
-    decoder.train()
-    for _ in tqdm(range(epochs), desc="decoder", disable=not progress):
-        total = 0.0
-        for batch in torch.randperm(len(codes), generator=generator).split(batch_size):
-            x = as_float(images[batch]).to(device)
-            loss = F.binary_cross_entropy(decoder(codes[batch].to(device)), x, reduction="sum") / len(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        losses.append(total / len(codes))
-    decoder.eval()
-    return losses
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        x = as_float(images[batch]).to(device)
+        return F.binary_cross_entropy(decoder(codes[batch].to(device)), x, reduction="sum") / len(x)
+
+    return _fit(decoder, len(codes), batch_loss, epochs, batch_size, lr, seed, progress, "decoder")
 
 
 def traversal(decode: Callable[[torch.Tensor], torch.Tensor], code: torch.Tensor, dim: int,
@@ -340,23 +351,13 @@ def train_attribute_classifier(model: AttributeClassifier, images: torch.Tensor,
     _positive("epochs", epochs)
     as_float = (lambda x: x.float() / 255) if images.dtype == torch.uint8 else (lambda x: x)
     device = model.heads[model.factors[0]].weight.device
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    model.train()
-    for _ in tqdm(range(epochs), desc="attribute classifier", disable=not progress):
-        total = 0.0
-        for batch in torch.randperm(len(images), generator=generator).split(batch_size):
-            logits = model(as_float(images[batch]).to(device))
-            y = factors[batch].to(device)
-            loss = sum(F.cross_entropy(logits[name], y[:, k]) for k, name in enumerate(model.factors))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        losses.append(total / len(images))
-    model.eval()
-    return losses
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        logits = model(as_float(images[batch]).to(device))
+        y = factors[batch].to(device)
+        return sum(F.cross_entropy(logits[name], y[:, k]) for k, name in enumerate(model.factors))
+
+    return _fit(model, len(images), batch_loss, epochs, batch_size, lr, seed, progress, "attribute classifier")
 
 
 _KINDS: dict[str, type[nn.Module]] = {}  # filled below: the classes save_factor_model can write
