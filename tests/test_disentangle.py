@@ -84,6 +84,25 @@ def test_dci_of_codes_that_copy_the_factors_is_high_and_of_mixed_codes_low(facto
     assert mixed.importance.shape == (7, 2)
 
 
+def test_dci_fits_every_factor_together_exactly_as_one_regression_each(factors):
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.cat([factors.float(), torch.randn(len(factors), 3, generator=generator)], dim=1)
+    result = dci(codes[:1500], factors[:1500], codes[1500:], factors[1500:], iterations=200)
+    standardised = (codes[:1500].double() - codes[:1500].double().mean(0)) / codes[:1500].double().std(0)
+    for k in range(factors.shape[1]):
+        weight, _ = l1_logistic_regression(standardised, factors[:1500, k], 0.01, iterations=200)
+        assert torch.allclose(result.importance[:, k], weight.abs().mean(1), atol=1e-10)
+
+
+def test_mig_information_matrix_equals_mutual_information_per_dimension(factors):
+    codes = torch.randn(len(factors), 4, generator=torch.Generator().manual_seed(6)) + factors[:, :1]
+    result = mig(codes, factors, bins=7)
+    binned = discretize(codes, 7)
+    expected = torch.tensor([[mutual_information(binned[:, i], factors[:, k]) for k in range(factors.shape[1])]
+                             for i in range(codes.shape[1])], dtype=torch.float64)
+    assert torch.allclose(result.mutual_information, expected, atol=1e-12)
+
+
 def test_bad_input_raises_clear_errors(factors):
     codes = torch.randn(2000, 3)
     with pytest.raises(ValueError, match="integer factor values"):

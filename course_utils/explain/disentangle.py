@@ -66,6 +66,21 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((joint[nonzero] * (joint[nonzero] / outer[nonzero]).log()).sum())
 
 
+def _information_per_dimension(binned: torch.Tensor, bins: int, factor: torch.Tensor) -> torch.Tensor:
+    """``mutual_information(binned[:, i], factor)`` for every column i at once: binned [N, D] in 0..bins-1,
+    factor [N] -> [D] in nats, from one joint histogram [D, bins, C] counted by ``bincount``."""
+    _, factor_index = torch.unique(factor, return_inverse=True)
+    values = int(factor_index.max()) + 1
+    dims = binned.shape[1]
+    cell = (torch.arange(dims) * bins + binned) * values + factor_index[:, None]  # [N, D]
+    joint = torch.bincount(cell.flatten(), minlength=dims * bins * values).double().view(dims, bins, values)
+    joint /= len(binned)
+    outer = joint.sum(2, keepdim=True) * joint.sum(1, keepdim=True)
+    terms = torch.where(joint > 0, joint * (joint.clamp_min(1e-300) / outer.clamp_min(1e-300)).log(),
+                        torch.zeros_like(joint))
+    return terms.sum((1, 2))
+
+
 @dataclass
 class MIGResult:
     score: float  # mean over factors
@@ -85,8 +100,8 @@ def mig(codes: torch.Tensor, factors: torch.Tensor, bins: int = 20) -> MIGResult
     if (entropies <= 0).any():
         constant = [k for k in range(len(entropies)) if entropies[k] <= 0]
         raise ValueError(f"factor column(s) {constant} take a single value: there is nothing to disentangle")
-    information = torch.tensor([[mutual_information(binned[:, i], factors[:, k]) for k in range(factors.shape[1])]
-                                for i in range(codes.shape[1])], dtype=torch.float64)
+    information = torch.stack([_information_per_dimension(binned, bins, factors[:, k])
+                               for k in range(factors.shape[1])], dim=1)
     top_two = information.topk(2, dim=0).values  # [2, K]
     per_factor = (top_two[0] - top_two[1]) / entropies
     return MIGResult(float(per_factor.mean()), per_factor, information, entropies)
@@ -127,15 +142,26 @@ def l1_logistic_regression(x: torch.Tensor, y: torch.Tensor, strength: float = 0
     minimises mean cross-entropy + ``strength`` · Σ|W| over x [N, D] (standardise it first) and integer
     labels y [N] in 0..C-1.  Returns (W [D, C], b [C]); the bias is not penalised.  The step is 1/L with
     L = ‖x‖₂² / (2N) + small, a bound on the curvature of the softmax cross-entropy."""
-    x, classes = x.double(), int(y.max()) + 1
-    target = torch.nn.functional.one_hot(y, classes).double()
+    return _l1_logistic_regressions(x, [y], strength, iterations)[0]
+
+
+def _l1_logistic_regressions(x: torch.Tensor, labels: list[torch.Tensor], strength: float, iterations: int
+                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``l1_logistic_regression(x, y)`` for every y in ``labels``, fitted together: the problems share x
+    and the step, and their weights are blocks of one matrix [D, Σ C] with a softmax per block, so the
+    FISTA iterates are exactly those of separate fits, at one matrix product per iteration for all."""
+    x = x.double()
+    sizes = [int(y.max()) + 1 for y in labels]
+    target = torch.cat([torch.nn.functional.one_hot(y, c) for y, c in zip(labels, sizes)], 1).double()
     step = 1.0 / (torch.linalg.matrix_norm(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), ord=2) ** 2
                   / (2 * len(x)) + 1e-8)
-    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype)
-    bias = torch.zeros(classes, dtype=x.dtype)
+    weight = torch.zeros(x.shape[1], sum(sizes), dtype=x.dtype)
+    bias = torch.zeros(sum(sizes), dtype=x.dtype)
     momentum_w, momentum_b, t = weight.clone(), bias.clone(), 1.0
     for _ in range(iterations):
-        residual = (torch.softmax(x @ momentum_w + momentum_b, dim=1) - target) / len(x)  # d CE / d logits
+        logits = (x @ momentum_w + momentum_b).split(sizes, dim=1)
+        probabilities = torch.cat([torch.softmax(block, dim=1) for block in logits], 1)
+        residual = (probabilities - target) / len(x)  # d CE / d logits, per block
         w_next = momentum_w - step * (x.T @ residual)
         w_next = w_next.sign() * (w_next.abs() - step * strength).clamp_min(0)  # soft threshold (L1 prox)
         b_next = momentum_b - step * residual.sum(0)
@@ -143,7 +169,7 @@ def l1_logistic_regression(x: torch.Tensor, y: torch.Tensor, strength: float = 0
         momentum_w = w_next + (t - 1) / t_next * (w_next - weight)
         momentum_b = b_next + (t - 1) / t_next * (b_next - bias)
         weight, bias, t = w_next, b_next, t_next
-    return weight, bias
+    return list(zip(weight.split(sizes, dim=1), bias.split(sizes)))
 
 
 def dci(train_codes: torch.Tensor, train_factors: torch.Tensor, test_codes: torch.Tensor,
@@ -160,12 +186,15 @@ def dci(train_codes: torch.Tensor, train_factors: torch.Tensor, test_codes: torc
         raise ValueError(f"strength must be >= 0, got {strength}")
     mean, std = train_codes.double().mean(0), train_codes.double().std(0).clamp_min(1e-8)
     x_train, x_test = (train_codes.double() - mean) / std, (test_codes.double() - mean) / std
-    importance, accuracy = [], []
+    encoded = []  # (values, y_train) per factor: a regression predicts the index of a factor's value
     for k in range(train_factors.shape[1]):
         values, y_train = torch.unique(train_factors[:, k], return_inverse=True)
         if len(values) < 2:
             raise ValueError(f"train_factors column {k} takes a single value: there is nothing to predict")
-        weight, bias = l1_logistic_regression(x_train, y_train, strength, iterations)
+        encoded.append((values, y_train))
+    fits = _l1_logistic_regressions(x_train, [y for _, y in encoded], strength, iterations)
+    importance, accuracy = [], []
+    for k, ((values, _), (weight, bias)) in enumerate(zip(encoded, fits)):
         importance.append(weight.abs().mean(1))
         predicted = values[(x_test @ weight + bias).argmax(1)]
         accuracy.append(float((predicted == test_factors[:, k]).double().mean()))

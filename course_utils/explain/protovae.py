@@ -307,9 +307,9 @@ def intervention_effects(decode: Callable[[torch.Tensor], torch.Tensor], codes: 
         for dim in dims:
             changed = []
             for chunk in codes.split(batch_size):
-                dims = torch.full((len(chunk),), dim, device=chunk.device)
-                a = predict(decode(intervene(chunk, dims, low[dim].expand(len(chunk)).to(chunk))))
-                b = predict(decode(intervene(chunk, dims, high[dim].expand(len(chunk)).to(chunk))))
+                which = torch.full((len(chunk),), dim, device=chunk.device)
+                a = predict(decode(intervene(chunk, which, low[dim].expand(len(chunk)).to(chunk))))
+                b = predict(decode(intervene(chunk, which, high[dim].expand(len(chunk)).to(chunk))))
                 changed.append((a != b).float())
             rows.append(torch.cat(changed).mean(0))
     return torch.stack(rows)
