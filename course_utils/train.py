@@ -132,7 +132,9 @@ class FactorPreset:
     name: str
     description: str
     n: int
-    epochs: int  # of each VAE; the classifier and the decoder train for the same number
+    epochs: int  # of each VAE and of the decoder of h
+    classifier_n: int = 20_000  # training images of the attribute classifier (the judge)
+    classifier_epochs: int = 8
     latent_dim: int = 10
     beta: float = 4.0
     encoder: str = "simclr-shapes-r10"
@@ -174,10 +176,13 @@ def _train_factor_models(preset: FactorPreset, epochs: int, args: argparse.Names
         print(f"{name}: {result['minutes'][name]} min", flush=True)
         return value
 
+    judge_world = ShapesWorld(n=preset.classifier_n, size=32, seed=args.seed, split="train")
+    judge_epochs = min(epochs, preset.classifier_epochs)  # --epochs caps the judge too (tests, smoke runs)
     torch.manual_seed(args.seed)
     classifier = AttributeClassifier({f: len(train.attribute_names[f]) for f in preset.factors}).to(device)
-    timed("attribute_classifier", lambda: train_attribute_classifier(classifier, train.images, y_train, epochs,
-                                                                       seed=args.seed, progress=False))
+    timed("attribute_classifier", lambda: train_attribute_classifier(
+        classifier, judge_world.images, factor_labels(judge_world, preset.factors), judge_epochs, seed=args.seed,
+        progress=False))
     predicted = torch.cat([classifier.predict(b.float().div(255).to(device)).cpu() for b in test.images.split(500)])
     result["attribute_accuracy"] = {f: round(float((predicted[:, k] == y_test[:, k]).float().mean()), 4)
                                     for k, f in enumerate(preset.factors)}

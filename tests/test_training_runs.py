@@ -262,7 +262,7 @@ def test_a_state_of_the_old_per_preset_layout_is_resumed(cli, capsys):
 def test_the_factor_preset_trains_four_models_that_load_back(tmp_path, monkeypatch):
     from course_utils.explain.protovae import AttributeClassifier, ProtoVAE, RepresentationDecoder, load_factor_model
 
-    tiny = train.FactorPreset("tiny-factors", "tiny", n=64, epochs=1, latent_dim=3)
+    tiny = train.FactorPreset("tiny-factors", "tiny", n=64, epochs=1, latent_dim=3, classifier_n=64)
     monkeypatch.setitem(train.FACTOR_PRESETS, tiny.name, tiny)
     monkeypatch.setenv("COURSE_DATA_ROOT", str(tmp_path / "data"))
     result = train.main(["--preset", tiny.name, "--out", str(tmp_path)])
