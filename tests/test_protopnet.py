@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from course_utils.explain.protopnet import (
-    ProtoPNet, cluster_cost, encoder_features, log_similarity, off_class_l1, patch_distances, protopnet_loss,
+    ProtoPNet, cluster_cost, encoder_features, evidence_maps, log_similarity, off_class_l1, patch_distances, protopnet_loss,
     push_prototypes, separation_cost, stage_features, top_prototypes, train_protopnet,
 )
 from course_utils.models import resnet
@@ -153,6 +153,18 @@ def test_top_prototypes_rank_evidence_for_the_predicted_class(tiny_data):
     assert (evidence.contribution.diff() <= 0).all() and len(evidence.prototype) == 4
     g = log_similarity(model.explain(images[:1]).min_distances[0].detach())
     assert torch.allclose(evidence.contribution, (g * model.last_layer.weight[evidence.predicted])[evidence.prototype])
+
+
+def test_evidence_maps_are_the_similarity_maps_of_each_images_top_prototype(tiny_data):
+    images, labels = tiny_data
+    model = small_model()
+    train_protopnet(model, images, labels, warm_epochs=3, last_layer_epochs=3, batch_size=16, lr=1e-2,
+                    progress=False)
+    maps = evidence_maps(model, images[:6], batch_size=4)
+    assert maps.shape == (6, *images.shape[-2:])
+    for i in range(6):
+        top = int(top_prototypes(model, images[i], k=1).prototype[0])
+        assert torch.allclose(maps[i], model.similarity_maps(images[i:i + 1])[0, top], atol=1e-3)  # batch rounding
 
 
 def test_bad_input_raises_clear_errors(tiny_data):

@@ -433,3 +433,21 @@ def top_prototypes(model: ProtoPNet, image: torch.Tensor, k: int = 3) -> Prototy
     position = output.distances[0, order].flatten(1).argmin(1)
     return PrototypeEvidence(predicted, order.cpu(), similarity[order].cpu(), contribution[order].cpu(),
                              (position // width).cpu(), (position % width).cpu())
+
+
+def evidence_maps(model: ProtoPNet, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """ProtoPNet's own explanation of each prediction as a saliency map: the similarity map of the
+    prototype with the largest evidence ``g_j · W_{ŷ,j}`` for the predicted class ŷ (the first row of
+    ``top_prototypes``), upsampled to the image.  images [B, 3, H, W] -> [B, H, W] (detached), scored
+    like any saliency map (pointing game, mask IoU, deletion)."""
+    images = check_images(images, "images")
+    model.eval()
+    maps = []
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            output = model.explain(batch)
+            evidence = log_similarity(output.min_distances, model.eps) * model.last_layer.weight[output.logits.argmax(1)]
+            similarity = log_similarity(output.distances[torch.arange(len(batch)), evidence.argmax(1)], model.eps)
+            maps.append(F.interpolate(similarity[:, None], size=batch.shape[-2:], mode="bilinear",
+                                      align_corners=False)[:, 0])
+    return torch.cat(maps)
