@@ -248,6 +248,31 @@ QUICK = StudySettings(n_train=1_000, n_test=500, n_explain=16, deletion_steps=8,
                       tcav_classes=1, tcav_inputs=20, tcav_examples=30, tcav_random_sets=3)
 SALIENCY_EXPLAINERS = ["Grad-CAM (probe class)", "Grad-CAM (contrastive)", "Grad-CAM (top feature)", "RELAX",
                        "AGF (probe class)"]
+PROTOPNET = "ProtoPNet (prototype map)"  # the interpretable-by-design point (notebook 10)
+
+
+@dataclass(frozen=True)
+class ProtoPNetSettings:
+    """The interpretable-by-design point of every encoder (issue 21, notebook 10): a ProtoPNet head
+    (``course_utils.explain.protopnet``) on the frozen encoder, trained on the linear probe's ``n_train``
+    training images; its accuracy on the probe's ``n_test`` test images (paired with the probe's, image by
+    image) and its own explanation, the top prototype's similarity map (``protopnet.evidence_maps``), scored
+    on the same ``n_explain`` test images as the post-hoc explainers. Measured and cached apart from
+    ``evaluate_encoder``, so adding it re-measured nothing else.
+
+    Attributes:
+        layer: the stage the prototypes live on (notebook 10 chooses it on val for the base encoder).
+        prototypes_per_class, warm_epochs, last_layer_epochs: as ``protopnet.train_protopnet``.
+    """
+
+    layer: str = "layer4"
+    prototypes_per_class: int = 5
+    warm_epochs: int = 10
+    last_layer_epochs: int = 20
+
+
+PROTOPNET_FULL = ProtoPNetSettings()
+PROTOPNET_QUICK = ProtoPNetSettings(warm_epochs=2, last_layer_epochs=5)
 NUISANCE_CONCEPTS = {"red object": {"color": "red"}, "blue object": {"color": "blue"},
                      "navy background": {"background_color": "navy"},
                      "gradient background": {"background": "gradient"}}
@@ -466,6 +491,60 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
             "seconds": time.perf_counter() - started}
 
 
+def evaluate_protopnet(model: SimCLRModel, test: ShapesWorld, settings: StudySettings,
+                       protopnet: ProtoPNetSettings, device: torch.device | None = None) -> dict[str, Any]:
+    """The ProtoPNet point of one encoder (``ProtoPNetSettings``).
+
+    Returns:
+        {"accuracy": float, "correct": {"ProtoPNet": [n_test] 0/1, "linear probe": [n_test] 0/1} (the same
+        test images, for a paired interval), "saliency": {"pointing game", "mask IoU", "deletion AUC"} means,
+        "per image": the same [n_explain] values, "seconds": float}.  Deletion scores the ProtoPNet's own
+        probability of its prediction.
+    """
+    from course_utils.explain.protopnet import ProtoPNet, evidence_maps, stage_features, train_protopnet
+    from course_utils.metrics import deletion_auc, mask_iou, pointing_hits
+    from course_utils.simclr import linear_probe
+
+    device = device or get_device()
+    started = time.perf_counter()
+    encoder = copy.deepcopy(model.encoder).to(device).eval()
+    train = ShapesWorld(n=settings.n_train, size=32, seed=settings.seed, split="train")
+    x_train, y_train = train.images.float() / 255, train.labels.long()
+    x_test, y_test = test.images[:settings.n_test].float() / 255, test.labels[:settings.n_test].long()
+    layers = sorted({protopnet.layer, "layer4"})
+    features = {"train": stage_features(encoder, x_train, layers), "test": stage_features(encoder, x_test, layers)}
+    with torch.no_grad():  # h = pool(layer4), the probe's input, from the same pass
+        H = {split: encoder.pool(stages["layer4"].to(device)).cpu() for split, stages in features.items()}
+    probe = linear_probe(H["train"], y_train, H["test"], y_test)
+    torch.manual_seed(settings.seed)
+    head = ProtoPNet(encoder, num_classes=len(train.classes), layer=protopnet.layer,
+                     prototypes_per_class=protopnet.prototypes_per_class, seed=settings.seed).to(device)
+    train_protopnet(head, x_train, y_train, warm_epochs=protopnet.warm_epochs,
+                    last_layer_epochs=protopnet.last_layer_epochs, seed=settings.seed, progress=False,
+                    features=features["train"][protopnet.layer])
+    with torch.no_grad():
+        predicted = torch.cat([head.head(f.to(device)).logits.argmax(1).cpu()
+                               for f in features["test"][protopnet.layer].split(500)])
+    images = x_test[:settings.n_explain].to(device)
+    masks = test.masks[:settings.n_explain]
+    maps = evidence_maps(head, images)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head(x.to(device)).float().softmax(1)
+
+    values = {"pointing game": pointing_hits(maps.cpu(), masks, settings.pg_tolerance),
+              "mask IoU": mask_iou(maps.cpu(), masks),
+              "deletion AUC": deletion_auc(probabilities, images, maps, steps=settings.deletion_steps,
+                                           target=predicted[:settings.n_explain].to(device))}
+    return {"accuracy": float((predicted == y_test).float().mean()),
+            "correct": {"ProtoPNet": (predicted == y_test).int().tolist(),
+                        "linear probe": (probe.predictions == y_test).int().tolist()},
+            "saliency": {metric: v.float().mean().item() for metric, v in values.items()},
+            "per image": {metric: [round(x, 6) for x in v.float().cpu().tolist()] for metric, v in values.items()},
+            "seconds": time.perf_counter() - started}
+
+
 # --------------------------------------------------------------------------
 # The whole study, cached per encoder
 # --------------------------------------------------------------------------
@@ -509,6 +588,8 @@ class StudyResult:
             ``n_explain`` test images for every encoder and baseline, so differences are paired); the
             baselines appear as encoders "random map" and "centre prior" with explainer "baseline".
         tcav_pairs: encoder -> the (class, nuisance concept) pairs behind its TCAV nuisance share.
+        correct: encoder -> {"ProtoPNet", "linear probe"} -> 0/1 per test image (the same ``n_test``
+            images), for the paired accuracy difference of the interpretable-by-design head.
     """
 
     rows: list[dict[str, Any]]
@@ -517,6 +598,7 @@ class StudyResult:
     missing: list[str] = field(default_factory=list)
     per_image: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     tcav_pairs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    correct: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     def values(self, encoder: str, explainer: str, measure: str) -> np.ndarray:
         """Per-image values [n_explain] of one encoder's explainer (or of a baseline: explainer "baseline"),
@@ -528,12 +610,15 @@ class StudyResult:
         return np.asarray(self.per_image[encoder][explainer][measure], dtype=float)
 
 
-def _rows(spec: EncoderSpec, measured: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(spec: EncoderSpec, measured: dict[str, Any], protopnet: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one encoder: its post-hoc explainers (``evaluate_encoder``), then its ProtoPNet
+    (``evaluate_protopnet``), whose row also carries the head's own test accuracy as "model accuracy"."""
     common = {"encoder": spec.name, "factor": spec.factor, "probe accuracy": measured["probe accuracy"]}
     rows = [{**common, "explainer": name, **scores} for name, scores in measured["saliency"].items()]
     rows.append({**common, "explainer": "FALCON", "concept P@1": measured["FALCON P@1"],
                  "features explained": measured["FALCON features"]})
     rows.append({**common, "explainer": "TCAV", "nuisance share": measured["TCAV nuisance share"]})
+    rows.append({**common, "explainer": PROTOPNET, **protopnet["saliency"], "model accuracy": protopnet["accuracy"]})
     return rows
 
 
@@ -544,54 +629,73 @@ def committed_results_dir() -> Path:
     return checkpoint_dir().parent / "study"
 
 
-def result_file(spec: EncoderSpec, grid: str, settings: StudySettings) -> str:
-    """The file name of one encoder's measurements, keyed by checkpoint and settings."""
-    return f"{grid}-{spec.name}-{_cache_key(spec, grid, settings)}.json"
+def result_file(spec: EncoderSpec, grid: str, settings: StudySettings,
+                protopnet: ProtoPNetSettings | None = None) -> str:
+    """The file name of one encoder's measurements, keyed by checkpoint and settings; with ``protopnet``,
+    that of its ProtoPNet point (keyed by both settings)."""
+    key = _cache_key(spec, grid, settings)
+    if protopnet is None:
+        return f"{grid}-{spec.name}-{key}.json"
+    key = hashlib.sha256(json.dumps([key, asdict(protopnet)], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{grid}-{spec.name}-protopnet-{key}.json"
+
+
+def _measured(cache_file: Path, cache: bool, measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """A measurement read from the cache (or the committed copy) or made now and cached; and its source."""
+    stored = [f for f in (cache_file, committed_results_dir() / cache_file.name) if cache and f.is_file()]
+    if stored:
+        return json.loads(stored[0].read_text()), "cached" if stored[0] == cache_file else "committed"
+    measured = measure()
+    atomic_write(cache_file, lambda f: f.write(json.dumps(_plain(measured), indent=1).encode()))
+    return measured, f"{measured['seconds']:.0f} s"
 
 
 def run_study(grid: str = "cpu", settings: StudySettings | None = None, device: torch.device | None = None,
-              cache: bool = True, progress: bool = True, encoders: Sequence[str] | None = None) -> StudyResult:
+              cache: bool = True, progress: bool = True, encoders: Sequence[str] | None = None,
+              protopnet: ProtoPNetSettings | None = None) -> StudyResult:
     """Measure every trained encoder of ``grid`` (or the named ``encoders`` of it), cached in
     ``<data root>/study/cache``; with ``cache``, committed measurements (``committed_results_dir``) with the
-    same key are read too.
+    same key are read too.  Each encoder's ProtoPNet point (``protopnet``, default ``PROTOPNET_FULL`` or
+    ``PROTOPNET_QUICK`` with the settings) is measured and cached apart.
 
     Encoders that are not trained are listed in ``missing`` (never trained silently: that takes minutes
     to hours; ``python -m course_utils.study --train`` does it).
     """
     specs = select_encoders(grid, encoders)
     settings = settings or (QUICK if quick_mode() else FULL)
+    protopnet = protopnet or (PROTOPNET_QUICK if settings == QUICK else PROTOPNET_FULL)
     device = device or get_device()
     cache_dir = default_data_root() / "study" / "cache"
     data: StudyData | None = None
-    rows, missing, per_image, tcav_pairs = [], [], {}, {}
+    test = _test_world(settings)
+    rows, missing, per_image, tcav_pairs, correct = [], [], {}, {}, {}
     for spec in specs:
         path = checkpoint_path(spec, grid)
         if path is not None and not path.is_file():
             missing.append(spec.name)
             continue
-        cache_file = cache_dir / result_file(spec, grid, settings)
-        stored = [f for f in (cache_file, committed_results_dir() / cache_file.name) if cache and f.is_file()]
-        if stored:
-            measured = json.loads(stored[0].read_text())
-            source = "cached" if stored[0] == cache_file else "committed"
-        else:
-            if data is None:
-                data = study_data(settings)
-            measured = evaluate_encoder(load_encoder(spec, grid, settings.seed), data, settings, device)
-            atomic_write(cache_file, lambda f: f.write(json.dumps(_plain(measured), indent=1).encode()))
-            source = f"{measured['seconds']:.0f} s"
+
+        def measure_encoder() -> dict[str, Any]:
+            nonlocal data
+            data = data or study_data(settings)
+            return evaluate_encoder(load_encoder(spec, grid, settings.seed), data, settings, device)
+
+        measured, source = _measured(cache_dir / result_file(spec, grid, settings), cache, measure_encoder)
+        proto, proto_source = _measured(
+            cache_dir / result_file(spec, grid, settings, protopnet), cache,
+            lambda: evaluate_protopnet(load_encoder(spec, grid, settings.seed), test, settings, protopnet, device))
         if progress:
-            print(f"{spec.name:<20} probe {measured['probe accuracy']:.1%}  ({source})", flush=True)
-        rows.extend(_rows(spec, measured))
-        if "per image" in measured:
-            per_image[spec.name] = measured["per image"]
+            print(f"{spec.name:<20} probe {measured['probe accuracy']:.1%}  ({source}); "
+                  f"ProtoPNet {proto['accuracy']:.1%}  ({proto_source})", flush=True)
+        rows.extend(_rows(spec, measured, proto))
+        per_image[spec.name] = {**measured.get("per image", {}), PROTOPNET: proto["per image"]}
+        correct[spec.name] = proto["correct"]
         if "TCAV pairs" in measured:
             tcav_pairs[spec.name] = measured["TCAV pairs"]
-    test = data.test if data is not None else _test_world(settings)  # no toy CLIP when everything is cached
     baselines = baseline_values(test, settings)
     per_image.update({name: {"baseline": values} for name, values in baselines.items()})
     return StudyResult([_plain(r) for r in rows], baseline_scores(test, settings), settings, missing, per_image,
-                       tcav_pairs)
+                       tcav_pairs, correct)
 
 
 # --------------------------------------------------------------------------
@@ -661,7 +765,8 @@ def recipes(result: StudyResult, seeds: str = "mean") -> StudyResult:
     repeats = {r["encoder"] for r in result.rows if r["factor"] == SEED_FACTOR}
     per_image = {k: v for k, v in result.per_image.items() if k not in repeats}
     return StudyResult(rows, result.baselines, result.settings, result.missing, per_image,
-                       {k: v for k, v in result.tcav_pairs.items() if k not in repeats})
+                       {k: v for k, v in result.tcav_pairs.items() if k not in repeats},
+                       {k: v for k, v in result.correct.items() if k not in repeats})
 
 
 @dataclass(frozen=True)
@@ -732,7 +837,8 @@ def improvement_correlations(result: StudyResult, exclude: Sequence[str] = (), s
 
 def measure_table(result: StudyResult) -> "pd.DataFrame":
     """One row per encoder, one column per headline measure: probe accuracy, the pointing game of each saliency
-    explainer ("PG <explainer>"), "FALCON P@1" and "TCAV nuisance share" (nan where not measured)."""
+    explainer ("PG <explainer>"), "FALCON P@1", "TCAV nuisance share", "ProtoPNet accuracy" and "PG ProtoPNet"
+    (nan where not measured)."""
     import pandas as pd
 
     table: dict[str, dict[str, float]] = {}
@@ -742,6 +848,9 @@ def measure_table(result: StudyResult) -> "pd.DataFrame":
             row["FALCON P@1"] = r.get("concept P@1")
         elif r["explainer"] == "TCAV":
             row["TCAV nuisance share"] = r.get("nuisance share")
+        elif r["explainer"] == PROTOPNET:
+            row["ProtoPNet accuracy"] = r.get("model accuracy")
+            row["PG ProtoPNet"] = r.get("pointing game")
         else:
             row[f"PG {r['explainer']}"] = r.get("pointing game")
     return pd.DataFrame.from_dict(table, orient="index").astype(float)
@@ -783,7 +892,8 @@ def factor_effects(result: StudyResult, references: dict[str, str]) -> tuple["pd
 def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = (), seeds: str = "mean") -> tuple[Any, np.ndarray]:
     """Interpretability vs performance: one point per encoder (marker) and explainer (colour) in each panel
     (x: linear-probe accuracy, y: an explanation-quality measure on ground truth; the seed repeats of the base
-    appear as their own points), the baselines as grey lines, and a last panel with
+    appear as their own points; each encoder's ProtoPNet at its own accuracy, a line linking it to the same
+    encoder's probe accuracy), the baselines as grey lines, and a last panel with
     ``improvement_correlations``: each cell's signed ρ, its p-value and, in the title, the number of encoders
     (bold: p < 0.05).
 
@@ -799,17 +909,24 @@ def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = (), seeds: str
     fig, axes = plt.subplots(2, 3, figsize=(16, 10))
     encoders = list(dict.fromkeys(r["encoder"] for r in result.rows))
     markers = dict(zip(encoders, "osD^vP*Xhp<>"))
-    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(EXPLAINER_ROWS)}
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate([*EXPLAINER_ROWS, PROTOPNET])}
     for ax, (metric, explainers, sign) in zip(axes.flat, PANELS):
         for explainer in explainers:
             for r in result.rows:
                 if r["explainer"] == explainer and r.get(metric) is not None:
                     ax.scatter(r["probe accuracy"], r[metric], color=colours[explainer],
                                marker=markers[r["encoder"]], s=60, alpha=0.85, edgecolor="black", linewidth=0.4)
+        for r in result.rows:  # the interpretable-by-design head at its own accuracy, linked to its encoder's probe
+            if explainers is SALIENCY_EXPLAINERS and r["explainer"] == PROTOPNET and r.get(metric) is not None:
+                ax.plot([r["probe accuracy"], r["model accuracy"]], [r[metric]] * 2, color=colours[PROTOPNET],
+                        lw=0.8, alpha=0.6)
+                ax.scatter(r["model accuracy"], r[metric], color=colours[PROTOPNET], marker=markers[r["encoder"]],
+                           s=70, alpha=0.9, edgecolor="black", linewidth=1.2)
         if metric in ("pointing game", "mask IoU"):
             for name, style in (("random map", ":"), ("centre prior", "--")):
                 ax.axhline(result.baselines[name][metric], color="gray", ls=style, lw=1)
-        ax.set_xlabel("linear-probe accuracy (performance)")
+        ax.set_xlabel("test accuracy: linear probe (ProtoPNet: its own)" if explainers is SALIENCY_EXPLAINERS
+                      else "linear-probe accuracy (performance)")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} ({'higher' if sign > 0 else 'lower'} is better)")
     ax = axes[1, 2]
@@ -831,6 +948,8 @@ def tradeoff_figure(result: StudyResult, exclude: Sequence[str] = (), seeds: str
     ax.set_title(f"Does better performance go with better explanations?\nρ over {encoders_text}; "
                  f"{kind} p (bold: p < 0.05)", fontsize=10)
     handles = [Line2D([], [], ls="", marker="o", markersize=8, color=colours[e], label=e) for e in EXPLAINER_ROWS]
+    handles.append(Line2D([], [], marker="o", markersize=8, color=colours[PROTOPNET], markeredgecolor="black",
+                          lw=0.8, label=f"{PROTOPNET}: at its own accuracy, — to its encoder's probe"))
     handles += [Line2D([], [], color="gray", ls=":", label="baseline: random map"),
                 Line2D([], [], color="gray", ls="--", label="baseline: centre prior")]
     handles += [Line2D([], [], ls="", marker=markers[e], markersize=8, color="white", markeredgecolor="black",
@@ -866,10 +985,11 @@ def format_table(result: StudyResult) -> str:
 
 def markdown_table(result: StudyResult) -> str:
     """The README's table of the study: one row per encoder (probe accuracy, pointing game per saliency
-    explainer, FALCON P@1 with its number of features, TCAV nuisance share) and the baselines' row.
+    explainer, FALCON P@1 with its number of features, TCAV nuisance share, the ProtoPNet's accuracy with
+    its prototype maps' pointing game) and the baselines' row.
     Printed by ``python -m course_utils.study --markdown``; a test keeps the README's copy equal to it."""
     header = ["encoder", "factor", "probe", *(f"PG {e}" for e in SALIENCY_EXPLAINERS), "FALCON P@1 (features)",
-              "TCAV nuisance share"]
+              "TCAV nuisance share", "ProtoPNet accuracy (PG)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(value: Any) -> str:
@@ -880,7 +1000,8 @@ def markdown_table(result: StudyResult) -> str:
         first, falcon = next(iter(rows.values())), rows["FALCON"]
         cells = [encoder, first["factor"], f"{100 * first['probe accuracy']:.1f} %",
                  *(fmt(rows[e]["pointing game"]) for e in SALIENCY_EXPLAINERS),
-                 f"{fmt(falcon['concept P@1'])} ({falcon['features explained']:.0f})", fmt(rows["TCAV"]["nuisance share"])]
+                 f"{fmt(falcon['concept P@1'])} ({falcon['features explained']:.0f})", fmt(rows["TCAV"]["nuisance share"]),
+                 f"{100 * rows[PROTOPNET]['model accuracy']:.1f} % ({fmt(rows[PROTOPNET]['pointing game'])})"]
         lines.append("| " + " | ".join(cells) + " |")
     baselines = " / ".join(f"{scores['pointing game']:.2f}" for scores in result.baselines.values())
     lines.append(f"| baselines: {' / '.join(result.baselines)} | | | {baselines} |" + " |" * (len(header) - 4))
@@ -921,8 +1042,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.markdown:
         print(markdown_table(result))
     if args.commit:
-        for spec in specs:
-            measured = default_data_root() / "study" / "cache" / result_file(spec, args.grid, settings)
+        protopnet = PROTOPNET_QUICK if settings == QUICK else PROTOPNET_FULL
+        for measured in [default_data_root() / "study" / "cache" / result_file(spec, args.grid, settings, part)
+                         for spec in specs for part in (None, protopnet)]:
             if measured.is_file():
                 target = committed_results_dir() / measured.name
                 atomic_write(target, lambda f: f.write(measured.read_bytes()))

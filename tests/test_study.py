@@ -14,6 +14,7 @@ from course_utils import study
 
 TINY = study.StudySettings(n_train=300, n_test=200, n_explain=12, deletion_steps=4, relax_masks=30, falcon_probe=300,
                            tcav_classes=1, tcav_inputs=6, tcav_examples=12, tcav_random_sets=3)
+TINY_PROTOPNET = study.ProtoPNetSettings(warm_epochs=1, last_layer_epochs=1)
 TEST_GRID = [study.EncoderSpec("base", "base", checkpoint=study.BASE_CHECKPOINT),
              study.EncoderSpec("untrained", "untrained", epochs=0),
              study.EncoderSpec("not-trained-yet", "width", width=8)]
@@ -42,11 +43,11 @@ def test_every_grid_encoder_is_committed_or_names_the_command_that_trains_it():
 
 
 def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache(test_grid, monkeypatch):
-    result = study.run_study(test_grid, TINY, progress=False)
+    result = study.run_study(test_grid, TINY, progress=False, protopnet=TINY_PROTOPNET)
     assert result.missing == ["not-trained-yet"]
     by_encoder = {name: [r for r in result.rows if r["encoder"] == name] for name in ("base", "untrained")}
     for rows in by_encoder.values():
-        assert [r["explainer"] for r in rows] == study.SALIENCY_EXPLAINERS + ["FALCON", "TCAV"]
+        assert [r["explainer"] for r in rows] == study.SALIENCY_EXPLAINERS + ["FALCON", "TCAV", study.PROTOPNET]
         for r in rows[:5]:
             assert r["deletion AUC"] >= 0
     base_accuracy, untrained_accuracy = (rows[0]["probe accuracy"] for rows in by_encoder.values())
@@ -58,7 +59,7 @@ def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache
     assert result.values("centre prior", "baseline", "pointing game").mean() == pytest.approx(
         result.baselines["centre prior"]["pointing game"])
     assert len(result.tcav_pairs["base"]) == TINY.tcav_classes * len(study.NUISANCE_CONCEPTS)
-    assert by_encoder["base"][-1]["nuisance share"] == pytest.approx(
+    assert by_encoder["base"][-2]["nuisance share"] == pytest.approx(
         np.mean([pair["significant"] for pair in result.tcav_pairs["base"]]))
     # the RELAX row is the pointing game and mask IoU of RELAX maps, recomputed here by hand from the definitions
     # (argmax within pg_tolerance px of the object; IoU of the mask-sized top of the map with the mask)
@@ -85,6 +86,16 @@ def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache
     for name, hits in cheap.items():
         np.testing.assert_allclose(hits, result.values("base", name, "pointing game"), atol=1e-6)
 
+    # the ProtoPNet row: its own accuracy and map scores are the means of its per-image values, paired with
+    # the probe's correctness on the same test images
+    for name, rows in by_encoder.items():
+        proto, correct = rows[-1], result.correct[name]
+        assert len(correct["ProtoPNet"]) == len(correct["linear probe"]) == TINY.n_test
+        assert proto["model accuracy"] == pytest.approx(np.mean(correct["ProtoPNet"]))
+        assert np.mean(correct["linear probe"]) == pytest.approx(proto["probe accuracy"], abs=0.02)
+        for metric in ("pointing game", "mask IoU", "deletion AUC"):
+            assert result.values(name, study.PROTOPNET, metric).mean() == pytest.approx(proto[metric], abs=1e-6)
+
     calls = []
 
     def measure(*args, **kwargs):
@@ -92,11 +103,15 @@ def test_study_measures_trained_encoders_lists_missing_ones_and_reuses_its_cache
         raise RuntimeError("measured again")
 
     monkeypatch.setattr(study, "evaluate_encoder", measure)
-    again = study.run_study(test_grid, TINY, progress=False)
+    monkeypatch.setattr(study, "evaluate_protopnet", measure)
+    again = study.run_study(test_grid, TINY, progress=False, protopnet=TINY_PROTOPNET)
     assert calls == [] and again.rows == result.rows  # both encoders came from the cache
     with pytest.raises(RuntimeError, match="measured again"):  # other settings miss the cache
         study.run_study(test_grid, dataclasses.replace(TINY, layer="layer2"), progress=False)
     assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="measured again"):  # other ProtoPNet settings miss its cache only
+        study.run_study(test_grid, TINY, progress=False, protopnet=dataclasses.replace(TINY_PROTOPNET, warm_epochs=2))
+    assert len(calls) == 2
 
 
 def test_spearman_is_the_exact_permutation_test_and_skips_unmeasured_or_constant_values():
@@ -127,6 +142,9 @@ def _rows(encoder, factor, accuracy, pointing, falcon=0.5, nuisance=None, iou=0.
                  "concept P@1": falcon, "features explained": 3})
     rows.append({"encoder": encoder, "factor": factor, "probe accuracy": accuracy, "explainer": "TCAV",
                  "nuisance share": nuisance})
+    rows.append({"encoder": encoder, "factor": factor, "probe accuracy": accuracy, "explainer": study.PROTOPNET,
+                 "pointing game": pointing[0] / 2, "mask IoU": iou, "deletion AUC": deletion,
+                 "model accuracy": accuracy - 0.05})
     return rows
 
 
@@ -153,6 +171,13 @@ def test_tradeoff_figure_puts_each_explainers_signed_rank_correlation_and_its_p_
     assert "+1.00\np = 0.08" in texts and "4 encoders" in axes[1, 2].get_title()
     cell = next(t for t in axes[1, 2].texts if t.get_text().startswith("+1.00"))
     assert cell.get_fontweight() == "normal"
+    # each encoder's ProtoPNet sits at its own accuracy (0.05 below its probe's), linked to its encoder's probe
+    points = np.concatenate([c.get_offsets() for c in axes[0, 0].collections])
+    for k, accuracy in enumerate([0.3, 0.5, 0.7, 0.9]):
+        assert any(np.allclose(point, [accuracy - 0.05, k / 8]) for point in points)
+    links = {tuple(np.round(line.get_xydata().flatten(), 6)) for line in axes[0, 0].lines}
+    for k, accuracy in enumerate([0.3, 0.5, 0.7, 0.9]):
+        assert (round(accuracy, 6), k / 8, round(accuracy - 0.05, 6), k / 8) in links
     plt.close(fig)
 
 
@@ -190,13 +215,14 @@ def test_a_factor_effect_counts_only_where_it_exceeds_the_seed_spread():
     assert exceeds.loc["base → narrow"].to_dict() == {
         "Δ probe accuracy": True, "Δ PG Grad-CAM (probe class)": False, "Δ PG Grad-CAM (contrastive)": True,
         "Δ PG Grad-CAM (top feature)": True, "Δ PG RELAX": False, "Δ PG AGF (probe class)": False,
-        "Δ FALCON P@1": True, "Δ TCAV nuisance share": False}
+        "Δ FALCON P@1": True, "Δ TCAV nuisance share": False, "Δ ProtoPNet accuracy": True, "Δ PG ProtoPNet": False}
     one_seed = study.StudyResult([r for r in rows if r["factor"] != "seed"], BASELINES, TINY)
     assert study.seed_spread(one_seed).isna().all()  # one seed: no spread, no effect counts
 
 
 def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full_settings():
-    expected = {study.result_file(spec, "cpu", study.FULL) for spec in study.GRIDS["cpu"]}
+    expected = {study.result_file(spec, "cpu", study.FULL, part) for spec in study.GRIDS["cpu"]
+                for part in (None, study.PROTOPNET_FULL)}
     committed = {path.name for path in study.committed_results_dir().glob("*.json")}
     assert committed == expected, ("data/study is stale (an encoder, the settings or the version changed): "
                                    "rerun `python -m course_utils.study --commit` and delete the old files")
@@ -205,7 +231,8 @@ def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full
 def test_the_readme_table_of_the_study_is_generated_from_the_committed_measurements():
     """The README quotes the study's numbers: they must be those of data/study (regenerate the table with
     `python -m course_utils.study --markdown` after `--commit`)."""
-    files = [study.committed_results_dir() / study.result_file(spec, "cpu", study.FULL) for spec in study.GRIDS["cpu"]]
+    files = [study.committed_results_dir() / study.result_file(spec, "cpu", study.FULL, part)
+             for spec in study.GRIDS["cpu"] for part in (None, study.PROTOPNET_FULL)]
     if not all(f.is_file() for f in files):
         pytest.fail("data/study is stale: see the test of the committed study results")
     result = study.run_study("cpu", study.FULL, torch.device("cpu"), progress=False)
