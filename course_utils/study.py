@@ -438,6 +438,21 @@ def _tcav_nuisance_share(probe_model: nn.Module, layer: nn.Module, data: StudyDa
     return float(np.mean(significant)), pairs
 
 
+def _score_maps(maps: torch.Tensor, images: torch.Tensor, masks: torch.Tensor,
+                probabilities: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor,
+                settings: StudySettings) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Pointing game, mask IoU and deletion AUC (of ``probabilities`` for ``target``) of maps [B, H, W] on
+    images [B, 3, H, W] with masks [B, H, W]: (the means, the per-image values)."""
+    from course_utils.metrics import deletion_auc, mask_iou, pointing_hits
+
+    maps = torch.nan_to_num(maps.float())
+    values = {"pointing game": pointing_hits(maps.cpu(), masks, settings.pg_tolerance),
+              "mask IoU": mask_iou(maps.cpu(), masks),
+              "deletion AUC": deletion_auc(probabilities, images, maps, steps=settings.deletion_steps, target=target)}
+    return ({metric: v.float().mean().item() for metric, v in values.items()},
+            {metric: [round(x, 6) for x in v.float().cpu().tolist()] for metric, v in values.items()})
+
+
 def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySettings,
                      device: torch.device | None = None) -> dict[str, Any]:
     """Probe accuracy and every interpretability measurement of one encoder.
@@ -448,7 +463,6 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
         intervals over images}, "FALCON P@1": float, "FALCON features": int, "TCAV nuisance share": float,
         "TCAV pairs": [{"class", "concept", "score", "random score", "p", "significant"}], "seconds": float}.
     """
-    from course_utils.metrics import deletion_auc, mask_iou, pointing_hits
     from course_utils.simclr import extract_features, linear_probe
 
     device = device or get_device()
@@ -474,15 +488,7 @@ def evaluate_encoder(model: SimCLRModel, data: StudyData, settings: StudySetting
     saliency: dict[str, dict[str, float]] = {}
     per_image: dict[str, dict[str, list[float]]] = {}
     for name, maps in _saliency_maps(model, probe_model, head, images, predicted, settings, device).items():
-        maps = torch.nan_to_num(maps.float())
-        values = {
-            "pointing game": pointing_hits(maps.cpu(), masks, settings.pg_tolerance),
-            "mask IoU": mask_iou(maps.cpu(), masks),
-            "deletion AUC": deletion_auc(probabilities, images, maps, steps=settings.deletion_steps,
-                                         target=predicted),
-        }
-        saliency[name] = {metric: v.float().mean().item() for metric, v in values.items()}
-        per_image[name] = {metric: [round(x, 6) for x in v.float().cpu().tolist()] for metric, v in values.items()}
+        saliency[name], per_image[name] = _score_maps(maps, images, masks, probabilities, predicted, settings)
     H_falcon, _ = extract_features(encoder, data.falcon_world, device=device, progress=False)
     p_at_1, n_features = _falcon_precision(H_falcon, data)
     nuisance, tcav_pairs = _tcav_nuisance_share(probe_model, getattr(encoder, settings.layer), data, settings, device)
@@ -502,7 +508,6 @@ def evaluate_protopnet(model: SimCLRModel, test: ShapesWorld, settings: StudySet
         probability of its prediction.
     """
     from course_utils.explain.protopnet import ProtoPNet, evidence_maps, stage_features, train_protopnet
-    from course_utils.metrics import deletion_auc, mask_iou, pointing_hits
     from course_utils.simclr import linear_probe
 
     device = device or get_device()
@@ -533,16 +538,12 @@ def evaluate_protopnet(model: SimCLRModel, test: ShapesWorld, settings: StudySet
         with torch.no_grad():
             return head(x.to(device)).float().softmax(1)
 
-    values = {"pointing game": pointing_hits(maps.cpu(), masks, settings.pg_tolerance),
-              "mask IoU": mask_iou(maps.cpu(), masks),
-              "deletion AUC": deletion_auc(probabilities, images, maps, steps=settings.deletion_steps,
-                                           target=predicted[:settings.n_explain].to(device))}
+    saliency, per_image = _score_maps(maps, images, masks, probabilities, predicted[:settings.n_explain].to(device),
+                                      settings)
     return {"accuracy": float((predicted == y_test).float().mean()),
             "correct": {"ProtoPNet": (predicted == y_test).int().tolist(),
                         "linear probe": (probe.predictions == y_test).int().tolist()},
-            "saliency": {metric: v.float().mean().item() for metric, v in values.items()},
-            "per image": {metric: [round(x, 6) for x in v.float().cpu().tolist()] for metric, v in values.items()},
-            "seconds": time.perf_counter() - started}
+            "saliency": saliency, "per image": per_image, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------
