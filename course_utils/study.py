@@ -641,6 +641,15 @@ def result_file(spec: EncoderSpec, grid: str, settings: StudySettings,
     return f"{grid}-{spec.name}-protopnet-{key}.json"
 
 
+def measurement_files(grid: str, settings: StudySettings, encoders: Sequence[str] | None = None) -> list[str]:
+    """The file names of the measurements of ``grid`` (or its named ``encoders``) at ``settings``: per encoder,
+    its post-hoc measurements and its ProtoPNet point (``PROTOPNET_QUICK`` with ``QUICK``, else
+    ``PROTOPNET_FULL``)."""
+    protopnet = PROTOPNET_QUICK if settings == QUICK else PROTOPNET_FULL
+    return [result_file(spec, grid, settings, part) for spec in select_encoders(grid, encoders)
+            for part in (None, protopnet)]
+
+
 def _measured(cache_file: Path, cache: bool, measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """A measurement read from the cache (or the committed copy) or made now and cached; and its source."""
     stored = [f for f in (cache_file, committed_results_dir() / cache_file.name) if cache and f.is_file()]
@@ -1043,9 +1052,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.markdown:
         print(markdown_table(result))
     if args.commit:
-        protopnet = PROTOPNET_QUICK if settings == QUICK else PROTOPNET_FULL
-        for measured in [default_data_root() / "study" / "cache" / result_file(spec, args.grid, settings, part)
-                         for spec in specs for part in (None, protopnet)]:
+        cache_dir = default_data_root() / "study" / "cache"
+        for measured in [cache_dir / name for name in measurement_files(args.grid, settings, args.encoders)]:
             if measured.is_file():
                 target = committed_results_dir() / measured.name
                 atomic_write(target, lambda f: f.write(measured.read_bytes()))

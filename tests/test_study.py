@@ -221,8 +221,7 @@ def test_a_factor_effect_counts_only_where_it_exceeds_the_seed_spread():
 
 
 def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full_settings():
-    expected = {study.result_file(spec, "cpu", study.FULL, part) for spec in study.GRIDS["cpu"]
-                for part in (None, study.PROTOPNET_FULL)}
+    expected = set(study.measurement_files("cpu", study.FULL))
     committed = {path.name for path in study.committed_results_dir().glob("*.json")}
     assert committed == expected, ("data/study is stale (an encoder, the settings or the version changed): "
                                    "rerun `python -m course_utils.study --commit` and delete the old files")
@@ -231,8 +230,7 @@ def test_the_committed_study_results_are_those_of_the_committed_encoders_at_full
 def test_the_readme_table_of_the_study_is_generated_from_the_committed_measurements():
     """The README quotes the study's numbers: they must be those of data/study (regenerate the table with
     `python -m course_utils.study --markdown` after `--commit`)."""
-    files = [study.committed_results_dir() / study.result_file(spec, "cpu", study.FULL, part)
-             for spec in study.GRIDS["cpu"] for part in (None, study.PROTOPNET_FULL)]
+    files = [study.committed_results_dir() / name for name in study.measurement_files("cpu", study.FULL)]
     if not all(f.is_file() for f in files):
         pytest.fail("data/study is stale: see the test of the committed study results")
     result = study.run_study("cpu", study.FULL, torch.device("cpu"), progress=False)
